@@ -26,8 +26,8 @@ test: setup
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-only --benchmark-columns=min,median,mean,rounds $(PYTEST_ARGS)
 
-cuda-check:
-	bash tools/cuda_check.sh
+cuda-check: setup
+	PYTHON=$(PY) bash tools/cuda_check.sh
 
 # The build-isolation path: a wheel without torch at build time ships the sources and
 # compiles them on first import.

@@ -28,3 +28,18 @@ for source in "${sources[@]}"; do
   count=$((count + 1))
 done
 echo "cuda-check: $count translation units compiled cleanly for sm_80 and sm_90"
+
+# The thin torch glue (host C++ registering the CUDA ops): syntax and warnings against the
+# installed torch's headers, which ship the CUDA ones even in CPU builds.
+PYTHON=${PYTHON:-python3}
+torch_include=$("$PYTHON" -c "from torch.utils.cpp_extension import include_paths; print(' '.join(include_paths()))")
+cuda_include=$(dirname "$(dirname "$(command -v "$NVCC")")")/include
+glue=0
+for source in $(find csrc/cuda -name '*.cpp' | sort); do
+  echo "g++ -fsyntax-only -Werror: $source"
+  # shellcheck disable=SC2046
+  g++ -std=c++17 -fsyntax-only -Wall -Wextra -Werror -Icsrc -Icsrc/include \
+      $(printf -- '-isystem %s ' $torch_include "$cuda_include") "$source"
+  glue=$((glue + 1))
+done
+echo "cuda-check: $glue torch glue files checked"
