@@ -3,7 +3,7 @@
 # build time), the wheel carries the C++ sources, and the kernels compile on first import.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${1:-python3}
+PY=$(realpath -s "$(command -v "${1:-python3}")")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
