@@ -1,0 +1,173 @@
+"""Draft checkpoints in the released MSD / EAGLE layout (MSD_SPEC.md section 2).
+
+A checkpoint folder holds ``config.json`` (flat Llama fields; ``model_type`` may be
+``llava`` as in the released MSD drafts or ``llama`` as in EAGLE's) and the weights in
+``model.safetensors`` or ``pytorch_model.bin`` with the keys ``fc.{weight,bias}``,
+``layers.0.self_attn.{q,k,v,o}_proj.weight``, ``layers.0.mlp.{gate,up,down}_proj.weight``,
+``layers.0.post_attention_layernorm.weight`` and optionally ``embed_tokens.weight``
+(absent: the target's embeddings are used). msd writes the same layout (safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig
+
+from msd.draft import MSDDraftModel
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+PYTORCH_FILE = "pytorch_model.bin"
+
+LAYER_KEYS = (
+    "layers.0.self_attn.q_proj.weight",
+    "layers.0.self_attn.k_proj.weight",
+    "layers.0.self_attn.v_proj.weight",
+    "layers.0.self_attn.o_proj.weight",
+    "layers.0.mlp.gate_proj.weight",
+    "layers.0.mlp.up_proj.weight",
+    "layers.0.mlp.down_proj.weight",
+    "layers.0.post_attention_layernorm.weight",
+)
+REQUIRED_KEYS = frozenset({"fc.weight", "fc.bias", *LAYER_KEYS})
+OPTIONAL_KEY = "embed_tokens.weight"
+# Buffers some older checkpoints carry; recomputed from the config, so safe to drop.
+DERIVED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def config_from_dict(raw: dict) -> LlamaConfig:
+    """A one-layer ``LlamaConfig`` from a draft ``config.json`` (MSD or EAGLE flavour)."""
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size") if k not in raw]
+    if missing:
+        raise ValueError(f"draft config.json lacks {', '.join(missing)}")
+    if raw.get("num_hidden_layers", 1) != 1:
+        raise ValueError(f"draft config.json: num_hidden_layers must be 1, got {raw['num_hidden_layers']}")
+    return LlamaConfig(
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_attention_heads=raw["num_attention_heads"],
+        num_key_value_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
+        num_hidden_layers=1,
+        vocab_size=raw["vocab_size"],
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
+        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        rope_theta=raw.get("rope_theta", 10000.0),
+        rope_scaling=raw.get("rope_scaling"),
+        attention_bias=False,
+        attn_implementation="sdpa",
+    )
+
+
+def config_to_dict(config: LlamaConfig) -> dict:
+    """The flat ``config.json`` msd writes (EAGLE flavour, ``model_type: llama``)."""
+    rope = dict(config.rope_parameters)
+    rope_theta = rope.pop("rope_theta")
+    rope_scaling = None if rope.get("rope_type") == "default" else rope
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "num_hidden_layers": 1,
+        "vocab_size": config.vocab_size,
+        "rms_norm_eps": config.rms_norm_eps,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling,
+        "hidden_act": "silu",
+    }
+
+
+def resolve_checkpoint(path_or_id: str | Path) -> Path:
+    """A local folder as is; anything else is fetched from the Hugging Face Hub."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"draft: {path} is a file; pass the checkpoint folder")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_id), allow_patterns=[CONFIG_FILE, SAFETENSORS_FILE, PYTORCH_FILE]))
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / SAFETENSORS_FILE).is_file():
+        return load_file(str(folder / SAFETENSORS_FILE))
+    if (folder / PYTORCH_FILE).is_file():
+        return torch.load(folder / PYTORCH_FILE, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"draft: {folder} has neither {SAFETENSORS_FILE} nor {PYTORCH_FILE}")
+
+
+def check_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop derivable buffers; raise on missing or unexpected keys."""
+    state = {k: v for k, v in state.items() if not k.endswith(DERIVED_KEY_SUFFIXES)}
+    missing = sorted(REQUIRED_KEYS - state.keys())
+    unexpected = sorted(state.keys() - REQUIRED_KEYS - {OPTIONAL_KEY})
+    if missing or unexpected:
+        raise ValueError(
+            "draft checkpoint does not have the MSD/EAGLE layout: "
+            f"missing keys {missing or 'none'}, unexpected keys {unexpected or 'none'}"
+        )
+    return state
+
+
+def load_draft(
+    path_or_id: str | Path,
+    target: torch.nn.Module | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> MSDDraftModel:
+    """Load a draft checkpoint; with ``target``, attach its embeddings and lm_head.
+
+    The draft takes ``dtype``/``device`` if given, else the target's, else the stored
+    weights' dtype on the CPU. Width or vocabulary different from the target's is an error.
+    """
+    folder = resolve_checkpoint(path_or_id)
+    config = config_from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+    state = check_keys(read_state_dict(folder))
+
+    embed_tokens = lm_head = None
+    if target is not None:
+        embed_tokens, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
+        target_hidden, target_vocab = embed_tokens.weight.shape[1], embed_tokens.weight.shape[0]
+        if (config.hidden_size, config.vocab_size) != (target_hidden, target_vocab):
+            raise ValueError(
+                f"draft width/vocabulary ({config.hidden_size}, {config.vocab_size}) do not match the "
+                f"target's ({target_hidden}, {target_vocab})"
+            )
+        dtype = dtype or embed_tokens.weight.dtype
+        device = device or embed_tokens.weight.device
+    elif OPTIONAL_KEY not in state:
+        raise ValueError("draft checkpoint has no embed_tokens.weight: pass the target to take its embeddings")
+    dtype = dtype or state["fc.weight"].dtype
+
+    if OPTIONAL_KEY in state:
+        embed_tokens = None  # the checkpoint's own frozen copy wins
+    elif embed_tokens.weight.dtype != dtype or (device is not None and embed_tokens.weight.device != torch.device(device)):
+        # A private copy, so that moving the draft never converts the target's module.
+        embed_tokens = torch.nn.Embedding.from_pretrained(embed_tokens.weight.detach().clone(), freeze=True)
+
+    draft = MSDDraftModel(config, embed_tokens=embed_tokens, lm_head=lm_head)
+    own = draft.state_dict()
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise ValueError(f"draft checkpoint: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+    draft.load_state_dict(state, strict=False)
+    return draft.to(dtype=dtype, device=device).eval()
+
+
+def save_draft(draft: MSDDraftModel, folder: str | Path) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` in the released layout."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()
+             if k in REQUIRED_KEYS or k == OPTIONAL_KEY}
+    save_file(state, str(folder / SAFETENSORS_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(config_to_dict(draft.config), indent=2) + "\n")
+    return folder
