@@ -66,7 +66,7 @@ def _build_tree(backend, step_logits, top_k, num_nodes, root_token):
 
 
 # --------------------------------------------------------------------------- random inputs
-@settings(max_examples=120)
+@settings(max_examples=200)
 @given(
     batch=st.integers(1, 4),
     top_k=st.integers(1, 16),
@@ -100,7 +100,7 @@ def test_expand_matches_reference(device, batch, top_k, full_frontier, extra_voc
     _assert_same_pool(pools["compiled"], pools["reference"])
 
 
-@settings(max_examples=80)
+@settings(max_examples=120)
 @given(
     batch=st.integers(1, 3),
     top_k=st.integers(1, 8),
@@ -110,7 +110,9 @@ def test_expand_matches_reference(device, batch, top_k, full_frontier, extra_voc
     node_fraction=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_tree_construction_matches_reference(device, batch, top_k, depth, extra_vocab, dtype, node_fraction, seed):
+def test_tree_construction_matches_reference(
+    device, batch, top_k, depth, extra_vocab, dtype, node_fraction, seed
+):
     vocab = top_k + extra_vocab
     step_logits = [_logits(batch, 1, vocab, dtype, seed, device)]
     step_logits += [_logits(batch, top_k, vocab, dtype, seed + s, device) for s in range(1, depth + 1)]
@@ -146,7 +148,7 @@ def _random_monotone_pool(batch: int, size: int, tied: bool, seed: int):
     return tokens, scores, parents
 
 
-@settings(max_examples=100)
+@settings(max_examples=150)
 @given(
     batch=st.integers(1, 4),
     num_nodes=st.sampled_from([1, 62, 63, 64, 127]),  # T + 1 = 2, 63, 64, 65, 128 tree tokens
@@ -203,7 +205,9 @@ def test_long_chain_spans_mask_words(device):
     tokens = torch.arange(size, device=device).unsqueeze(0) + 1000
     scores = -torch.arange(size, dtype=torch.float32, device=device).unsqueeze(0)
     parents = torch.arange(-1, size - 1, device=device).unsqueeze(0)
-    tree = mk.tree_assemble(tokens, scores, parents, torch.tensor([5], device=device), size, backend="compiled")
+    tree = mk.tree_assemble(
+        tokens, scores, parents, torch.tensor([5], device=device), size, backend="compiled"
+    )
     _expect_tree(
         tree,
         tokens=[5] + list(range(1000, 1000 + size)),
@@ -288,7 +292,15 @@ def test_assemble_rejects_kept_node_with_dropped_parent(backend):
 def test_expand_rejects_frontier_not_before_pool_offset(bad_index):
     """A frontier node is a parent of the new slots, so it must lie before pool_offset = 2."""
     pool = mk.new_tree_pool(1, 2, 1)
-    with pytest.raises(RuntimeError, match=r"frontier_pool_index\[0, 1\] = -?\d is neither -1 nor a pool slot"):
+    with pytest.raises(
+        RuntimeError, match=r"frontier_pool_index\[0, 1\] = -?\d is neither -1 nor a pool slot"
+    ):
         mk.tree_expand(
-            torch.zeros(1, 2, 8), torch.zeros(1, 2), torch.tensor([[0, bad_index]]), *pool, 2, 2, backend="compiled"
+            torch.zeros(1, 2, 8),
+            torch.zeros(1, 2),
+            torch.tensor([[0, bad_index]]),
+            *pool,
+            2,
+            2,
+            backend="compiled",
         )

@@ -47,7 +47,13 @@ void expand_node(const scalar_t* logits,  // [V]
 ) {
   const RowLogSoftmax log_prob = row_log_softmax(logits, vocab);
   RunningTopK best{scores, tokens, top_k};
-  for (int64_t j = 0; j < vocab; ++j) best.offer(log_prob(static_cast<float>(logits[j])), j);
+  for (int64_t j = 0; j < vocab; ++j) {
+    const float x = static_cast<float>(logits[j]);
+    // Log-probabilities do not decrease with the logit, so a logit below the current k-th
+    // one cannot enter: skip computing and ranking its log-probability.
+    if (best.size == top_k && x < static_cast<float>(logits[tokens[top_k - 1]])) continue;
+    best.offer(log_prob(x), j);
+  }
   for (int64_t c = 0; c < top_k; ++c) {
     scores[c] += frontier_score;
     parents[c] = parent;
