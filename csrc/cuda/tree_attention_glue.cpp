@@ -16,12 +16,13 @@ namespace {
 
 using at::Tensor;
 
-// q/k/v are read with 16-byte loads: last dim contiguous, other strides and the base aligned.
+// q/k/v are read with 16-byte loads: last dim contiguous, the base and the other strides
+// aligned (strides of size-1 dims are never used).
 void check_vector_layout(const char* name, const Tensor& t) {
   TORCH_CHECK(t.stride(3) == 1, "tree_attention: ", name, " must have a contiguous last dim, got strides ",
               t.strides());
-  const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 &&
-                       t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
+  bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int d = 0; d < 3; ++d) aligned = aligned && (t.size(d) == 1 || t.stride(d) % 8 == 0);
   TORCH_CHECK(aligned, "tree_attention: ", name,
               " must be 16-byte aligned with strides that are multiples of 8 elements, got strides ",
               t.strides(), " (call .contiguous())");
