@@ -30,6 +30,9 @@
 //
 // 2. merge kernel, one block per output row (b, query head, query): the partials of all
 //    splits are combined by log-sum-exp weights; a row that saw no key anywhere is zero.
+//
+// Needs sm_80+ (bf16 WMMA, cp.async). prefix_len values are clamped to [0, S_max - Q] so
+// that a bad length can never make the kernel read outside the cache.
 #pragma once
 
 #include <cuda_bf16.h>
