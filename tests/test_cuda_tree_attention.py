@@ -1,0 +1,214 @@
+"""CUDA tree_attention (csrc/cuda/tree_attention.cu) against the reference.
+
+CUDA only: the shared CPU/CUDA tests use the ``device`` fixture; these add the LLaVA-7B
+shapes (32 heads, D = 128, bf16, a 60-token tree over 1-4 K prefixes), CUDA-graph replay
+with new prefix lengths, and the fp32 rejection. Random queries are scaled up so that the
+softmax is peaked: the outputs are then O(1) and a key read or dropped by mistake shows
+far above the bf16 tolerance.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import msd_kernels
+from msd_kernels import reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+CUDA = "cuda"
+# Max abs/rel error and mean abs error allowed against the reference (both round to dtype).
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+QUERY_GAIN = 3.0  # logits ~ N(0, 9): a few keys dominate each row
+
+
+def random_tree_mask(batch: int, num_new: int, generator: torch.Generator) -> torch.Tensor:
+    """Packed ancestor masks ``[B, Q, ceil(Q/64)]`` of random trees (parent of i is < i)."""
+    dense = torch.zeros(batch, num_new, num_new, dtype=torch.bool)
+    for b in range(batch):
+        for i in range(num_new):
+            if i > 0:
+                parent = int(torch.randint(0, i, (1,), generator=generator))
+                dense[b, i] = dense[b, parent]
+            dense[b, i, i] = True
+    return reference.pack_mask(dense).to(CUDA)
+
+
+def make_inputs(batch, q_heads, kv_heads, num_new, head_dim, prefix, max_len, dtype, seed):
+    """Random q/k/v on CUDA; cache rows past ``prefix + Q`` are NaN (they must not be read)."""
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    q = QUERY_GAIN * torch.randn(batch, q_heads, num_new, head_dim, generator=g, device=CUDA)
+    k = torch.randn(batch, kv_heads, max_len, head_dim, generator=g, device=CUDA)
+    v = torch.randn(batch, kv_heads, max_len, head_dim, generator=g, device=CUDA)
+    for b, length in enumerate(prefix):
+        k[b, :, length + num_new :] = math.nan
+        v[b, :, length + num_new :] = math.nan
+    prefix_len = torch.tensor(prefix, dtype=torch.int32, device=CUDA)
+    return q.to(dtype), k.to(dtype), v.to(dtype), prefix_len
+
+
+def assert_matches_reference(q, k, v, prefix_len, tree_mask=None, scale=None):
+    """The compiled op equals the reference within the dtype's tolerance, also on average."""
+    out = msd_kernels.tree_attention(q, k, v, prefix_len, tree_mask, scale, backend="compiled")
+    expected = reference.tree_attention(q, k, v, prefix_len, tree_mask, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    tol = TOLERANCE[q.dtype]
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+    assert (out.float() - expected.float()).abs().mean() < tol / 4
+    return out
+
+
+@pytest.mark.parametrize("prefix", [1024, 2048, 4096])
+def test_llava7b_tree(prefix):
+    g = torch.Generator().manual_seed(prefix)
+    q, k, v, prefix_len = make_inputs(1, 32, 32, 60, 128, [prefix], prefix + 60 + 37, torch.bfloat16, prefix)
+    assert_matches_reference(q, k, v, prefix_len, random_tree_mask(1, 60, g))
+
+
+def test_llava7b_batch8_different_prefixes():
+    prefixes = [0, 5, 64, 1000, 1024, 2047, 3001, 4096]
+    g = torch.Generator().manual_seed(8)
+    q, k, v, prefix_len = make_inputs(8, 32, 32, 60, 128, prefixes, 4096 + 60, torch.bfloat16, 8)
+    assert_matches_reference(q, k, v, prefix_len, random_tree_mask(8, 60, g))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gqa_32_over_8(batch):
+    g = torch.Generator().manual_seed(batch)
+    prefixes = [2048, 777, 1500][:batch]
+    q, k, v, prefix_len = make_inputs(batch, 32, 8, 60, 128, prefixes, 2200, torch.bfloat16, batch)
+    assert_matches_reference(q, k, v, prefix_len, random_tree_mask(batch, 60, g))
+
+
+@pytest.mark.parametrize("kv_heads", [32, 8])
+def test_decode_single_query(kv_heads):
+    prefixes = [1, 63, 64, 65, 1024, 2000, 4095, 4000]
+    q, k, v, prefix_len = make_inputs(8, 32, kv_heads, 1, 128, prefixes, 4096, torch.bfloat16, kv_heads)
+    out = assert_matches_reference(q, k, v, prefix_len)
+    # Q = 1: a one-node tree mask and the causal chunk are the same attention.
+    one_node = torch.ones(8, 1, 1, dtype=torch.int64, device=CUDA)
+    assert torch.equal(msd_kernels.tree_attention(q, k, v, prefix_len, one_node, backend="compiled"), out)
+
+
+@pytest.mark.parametrize("prefix", [0, 700])
+def test_causal_chunk_q128(prefix):
+    q, k, v, prefix_len = make_inputs(2, 32, 8, 128, 128, [prefix, prefix // 2], prefix + 128, torch.bfloat16, prefix)
+    out = assert_matches_reference(q, k, v, prefix_len)
+    # mask=None means exactly the lower-triangular tree mask: same keys, same arithmetic.
+    tril = reference.pack_mask(torch.ones(128, 128, dtype=torch.bool).tril()).expand(2, -1, -1).to(CUDA)
+    assert torch.equal(msd_kernels.tree_attention(q, k, v, prefix_len, tril, backend="compiled"), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
+def test_head_dims_and_dtypes(head_dim, dtype):
+    g = torch.Generator().manual_seed(head_dim)
+    # Q = 70: two mask words; 4 x 70 query rows per kv head: several 64-row tiles.
+    q, k, v, prefix_len = make_inputs(2, 8, 2, 70, head_dim, [300, 129], 512, dtype, head_dim)
+    assert_matches_reference(q, k, v, prefix_len, random_tree_mask(2, 70, g), scale=0.05)
+
+
+def test_hand_computed_uniform_attention():
+    # q = 0: every visible key gets the same weight, so the output is the mean of the
+    # visible value rows; row s of V is s everywhere. Prefix 3, tree: 0 <- 1, 0 <- 2.
+    q = torch.zeros(1, 2, 3, 64, dtype=torch.bfloat16, device=CUDA)
+    k = torch.randn(1, 1, 8, 64, device=CUDA).to(torch.bfloat16)
+    v = torch.arange(8, dtype=torch.bfloat16, device=CUDA).view(1, 1, 8, 1).expand(1, 1, 8, 64).contiguous()
+    mask = reference.pack_mask(
+        torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]], dtype=torch.bool)
+    ).to(CUDA)
+    prefix_len = torch.tensor([3], dtype=torch.int32, device=CUDA)
+    out = msd_kernels.tree_attention(q, k, v, prefix_len, mask, backend="compiled")
+    means = torch.tensor([(0 + 1 + 2 + 3) / 4, (0 + 1 + 2 + 3 + 4) / 5, (0 + 1 + 2 + 3 + 5) / 5], device=CUDA)
+    torch.testing.assert_close(out.float(), means.view(1, 1, 3, 1).expand(1, 2, 3, 64), atol=2e-2, rtol=0)
+
+
+def test_rows_that_see_nothing_are_zero():
+    # Empty prefix and empty mask rows (1 and 3): zeros; the other rows as the reference.
+    q, k, v, prefix_len = make_inputs(1, 4, 2, 4, 64, [0], 64, torch.bfloat16, 0)
+    mask = reference.pack_mask(
+        torch.tensor([[[1, 0, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]], dtype=torch.bool)
+    ).to(CUDA)
+    out = assert_matches_reference(q, k, v, prefix_len, mask)
+    assert torch.equal(out[:, :, 1::2], torch.zeros_like(out[:, :, 1::2]))
+
+
+def test_short_prefix_in_a_long_cache():
+    # Most key splits lie past prefix + Q and must contribute nothing.
+    g = torch.Generator().manual_seed(5)
+    q, k, v, prefix_len = make_inputs(2, 32, 32, 60, 128, [10, 0], 16384, torch.bfloat16, 5)
+    assert_matches_reference(q, k, v, prefix_len, random_tree_mask(2, 60, g))
+
+
+def test_poisoned_buffers_are_fully_overwritten():
+    # Fill freed allocator blocks of every size the op allocates (output and float32
+    # workspace) with NaN, so that the op's torch.empty results very likely reuse them.
+    g = torch.Generator().manual_seed(7)
+    q, k, v, prefix_len = make_inputs(8, 32, 8, 60, 128, [3000, 5, 64, 1024, 0, 2000, 999, 4000], 4096 + 60,
+                                      torch.bfloat16, 7)
+    mask = random_tree_mask(8, 60, g)
+    rows = q.numel() // q.shape[-1]
+    poison = [torch.full((n,), math.nan, device=CUDA) for n in [q.numel(), rows, 64 << 20]]
+    poison += [torch.full((s * rows * 128,), math.nan, device=CUDA) for s in range(1, 33)]
+    poison += [torch.full((s * rows,), math.nan, device=CUDA) for s in range(1, 33)]
+    del poison
+    out = assert_matches_reference(q, k, v, prefix_len, mask)
+    assert not out.isnan().any()
+
+
+def test_cuda_graph_replay_reads_prefix_len_on_device():
+    # Captured once, replayed with new prefix lengths written into the same tensor.
+    g = torch.Generator().manual_seed(11)
+    # Built with the longest prefix (no NaN rows), then replayed with shorter ones.
+    q, k, v, prefix_len = make_inputs(2, 32, 8, 60, 128, [2940, 2940], 3000, torch.bfloat16, 11)
+    mask = random_tree_mask(2, 60, g)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs asks
+        msd_kernels.tree_attention(q, k, v, prefix_len, mask, backend="compiled")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = msd_kernels.tree_attention(q, k, v, prefix_len, mask, backend="compiled")
+    for lengths in ([100, 50], [2900, 1], [0, 1234]):
+        prefix_len.copy_(torch.tensor(lengths, dtype=torch.int32))
+        graph.replay()
+        expected = reference.tree_attention(q, k, v, prefix_len, mask)
+        torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_float32_is_rejected_with_a_clear_error():
+    q, k, v, prefix_len = make_inputs(1, 2, 2, 3, 64, [5], 16, torch.float32, 0)
+    with pytest.raises(RuntimeError, match="float32 is supported on the CPU only"):
+        msd_kernels.tree_attention(q, k, v, prefix_len, backend="compiled")
+
+
+def test_unsupported_head_dim_is_rejected():
+    q, k, v, prefix_len = make_inputs(1, 2, 2, 3, 48, [5], 16, torch.bfloat16, 0)
+    with pytest.raises(RuntimeError, match="head_dim must be 64, 80, 96 or 128"):
+        msd_kernels.tree_attention(q, k, v, prefix_len, backend="compiled")
+
+
+@settings(max_examples=120)
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 4, 8]),
+    num_new=st.integers(1, 140),
+    head_dim=st.sampled_from([64, 80, 96, 128]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    causal=st.booleans(),
+    slack=st.integers(0, 300),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_shapes_match_reference(batch, kv_heads, group, num_new, head_dim, dtype, causal, slack, seed):
+    g = torch.Generator().manual_seed(seed)
+    max_len = num_new + slack
+    prefixes = [int(torch.randint(0, slack + 1, (1,), generator=g)) for _ in range(batch)]
+    q, k, v, prefix_len = make_inputs(batch, kv_heads * group, kv_heads, num_new, head_dim, prefixes, max_len,
+                                      dtype, seed)
+    mask = None if causal else random_tree_mask(batch, num_new, g)
+    assert_matches_reference(q, k, v, prefix_len, mask)
