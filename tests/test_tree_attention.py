@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 import msd_kernels
 
-# (rtol, atol) against the float32-accumulating reference; half types round the output.
-TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-2, 2e-2)}
+# (rtol, atol) against the float32-accumulating reference: float32 sums in another order (a
+# large scale amplifies the logits' rounding); half types also round the output.
+TOLERANCE = {torch.float32: (1e-5, 5e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-2, 2e-2)}
 
 
 def random_parents(num_new: int, generator: torch.Generator) -> list[int]:
@@ -51,8 +52,10 @@ def make_inputs(batch, num_q_heads, num_kv_heads, num_new, head_dim, prefix, dty
     k_cache = torch.randn(batch, num_kv_heads, max_len, head_dim, generator=generator)
     v_cache = torch.randn(batch, num_kv_heads, max_len, head_dim, generator=generator)
     prefix_len = torch.tensor(prefix, dtype=torch.int32)
-    return [t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-            for t in (q, k_cache, v_cache, prefix_len)]
+    return [
+        t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        for t in (q, k_cache, v_cache, prefix_len)
+    ]
 
 
 def run_both(*args, **kwargs):
@@ -70,7 +73,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 def sdpa(q, keys, values, mask=None, scale=None, is_causal=False):
     """float32 SDPA with grouped-query heads: q ``[Hq, L, D]``, keys/values ``[Hkv, S, D]``."""
     return F.scaled_dot_product_attention(
-        q.float(), keys.float(), values.float(), attn_mask=mask, is_causal=is_causal, scale=scale,
+        q.float(),
+        keys.float(),
+        values.float(),
+        attn_mask=mask,
+        is_causal=is_causal,
+        scale=scale,
         enable_gqa=True,
     )
 
@@ -90,7 +98,9 @@ def sdpa(q, keys, values, mask=None, scale=None, is_causal=False):
 def test_matches_reference(device, batch, heads, head_dim, num_new, mask_kind, scale, dtype, data):
     prefix = data.draw(st.lists(st.sampled_from([0, 1, 5, 64, 70, 130]), min_size=batch, max_size=batch))
     seed = data.draw(st.integers(0, 2**31 - 1))
-    q, k_cache, v_cache, prefix_len = make_inputs(batch, *heads, num_new, head_dim, prefix, dtype, device, seed)
+    q, k_cache, v_cache, prefix_len = make_inputs(
+        batch, *heads, num_new, head_dim, prefix, dtype, device, seed
+    )
     generator = torch.Generator().manual_seed(seed)
     if mask_kind == "tree":
         allowed = torch.stack([ancestor_mask(random_parents(num_new, generator)) for _ in range(batch)])
@@ -174,7 +184,9 @@ def test_hand_computed_uniform_attention(device):
 def test_default_scale_is_inverse_sqrt_head_dim(device):
     q, k_cache, v_cache, prefix_len = make_inputs(1, 2, 1, 3, 80, [10], torch.float32, device, 2)
     default = msd_kernels.tree_attention(q, k_cache, v_cache, prefix_len, backend="compiled")
-    explicit = msd_kernels.tree_attention(q, k_cache, v_cache, prefix_len, scale=1 / math.sqrt(80), backend="compiled")
+    explicit = msd_kernels.tree_attention(
+        q, k_cache, v_cache, prefix_len, scale=1 / math.sqrt(80), backend="compiled"
+    )
     torch.testing.assert_close(default, explicit)
 
 
@@ -186,7 +198,9 @@ def test_non_contiguous_cache(device, layout):
     elif layout == "seq_major":  # [B, S, H, D] storage seen as [B, H, S, D]
         views = [c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k_cache, v_cache)]
     else:  # every other feature of a wider buffer: the kernel must copy
-        views = [torch.stack([c, torch.randn_like(c)], dim=-1).flatten(-2)[..., ::2] for c in (k_cache, v_cache)]
+        views = [
+            torch.stack([c, torch.randn_like(c)], dim=-1).flatten(-2)[..., ::2] for c in (k_cache, v_cache)
+        ]
     assert not views[0].is_contiguous() and torch.equal(views[0], k_cache)
     compiled, expected = run_both(q, *views, prefix_len)
     assert_close(compiled, expected, torch.float32)
@@ -212,8 +226,14 @@ def test_prefix_len_out_of_range_is_an_error(prefix):
         (lambda a: {**a, "k_cache": a["k_cache"].double()}, "k_cache"),
         (lambda a: {**a, "prefix_len": a["prefix_len"].long()}, "prefix_len"),
         (lambda a: {**a, "tree_mask": torch.zeros(1, 3, 1, dtype=torch.int64)}, "tree_mask"),
-        (lambda a: {**a, "k_cache": a["k_cache"][:, :1].expand(1, 3, -1, -1),
-                    "v_cache": a["v_cache"][:, :1].expand(1, 3, -1, -1)}, "kv heads"),
+        (
+            lambda a: {
+                **a,
+                "k_cache": a["k_cache"][:, :1].expand(1, 3, -1, -1),
+                "v_cache": a["v_cache"][:, :1].expand(1, 3, -1, -1),
+            },
+            "kv heads",
+        ),
     ],
 )
 def test_kernel_checks_its_arguments(change, name):
