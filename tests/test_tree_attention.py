@@ -1,0 +1,244 @@
+"""tree_attention (op 2): compiled kernel vs the reference, and vs independent attention.
+
+The independent checks follow vLLM's tree-attention test: every tree row must equal plain
+attention over the prefix plus its own root-to-node path, computed with
+``torch.nn.functional.scaled_dot_product_attention`` over exactly those keys.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import msd_kernels
+
+# (rtol, atol) against the float32-accumulating reference: float32 sums in another order (a
+# large scale amplifies the logits' rounding); half types also round the output.
+TOLERANCE = {torch.float32: (1e-5, 5e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-2, 2e-2)}
+
+
+def random_parents(num_new: int, generator: torch.Generator) -> list[int]:
+    """A random tree over ``num_new`` nodes in topological order: node 0 is the root."""
+    return [-1] + [int(torch.randint(0, i, (), generator=generator)) for i in range(1, num_new)]
+
+
+def ancestor_mask(parents: list[int]) -> torch.Tensor:
+    """Bool ``[Q, Q]``: row i = node i and its ancestors (its parent's row plus its own bit)."""
+    mask = torch.zeros(len(parents), len(parents), dtype=torch.bool)
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            mask[i] = mask[parent]
+        mask[i, i] = True
+    return mask
+
+
+def path(parents: list[int], node: int) -> list[int]:
+    """Root-to-node list of tree indices."""
+    nodes = []
+    while node >= 0:
+        nodes.append(node)
+        node = parents[node]
+    return nodes[::-1]
+
+
+def make_inputs(batch, num_q_heads, num_kv_heads, num_new, head_dim, prefix, dtype, device, seed, slack=3):
+    """Random q / k_cache / v_cache with room for ``prefix[b] + num_new`` rows (plus slack)."""
+    generator = torch.Generator().manual_seed(seed)
+    max_len = max(prefix) + num_new + slack
+    q = torch.randn(batch, num_q_heads, num_new, head_dim, generator=generator)
+    k_cache = torch.randn(batch, num_kv_heads, max_len, head_dim, generator=generator)
+    v_cache = torch.randn(batch, num_kv_heads, max_len, head_dim, generator=generator)
+    prefix_len = torch.tensor(prefix, dtype=torch.int32)
+    return [
+        t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        for t in (q, k_cache, v_cache, prefix_len)
+    ]
+
+
+def run_both(*args, **kwargs):
+    """The compiled op and the reference on the same arguments."""
+    compiled = msd_kernels.tree_attention(*args, **kwargs, backend="compiled")
+    expected = msd_kernels.tree_attention(*args, **kwargs, backend="reference")
+    return compiled, expected
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), rtol=rtol, atol=atol)
+
+
+def sdpa(q, keys, values, mask=None, scale=None, is_causal=False):
+    """float32 SDPA with grouped-query heads: q ``[Hq, L, D]``, keys/values ``[Hkv, S, D]``."""
+    return F.scaled_dot_product_attention(
+        q.float(),
+        keys.float(),
+        values.float(),
+        attn_mask=mask,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=True,
+    )
+
+
+# --------------------------------------------------------------------------- vs reference
+@settings(max_examples=150)
+@given(
+    batch=st.integers(1, 3),
+    heads=st.sampled_from([(4, 4), (4, 2), (8, 1)]),
+    head_dim=st.sampled_from([16, 64, 80, 128]),
+    num_new=st.sampled_from([1, 2, 7, 63, 64, 65, 128]),
+    mask_kind=st.sampled_from(["tree", "random", "none"]),
+    scale=st.none() | st.floats(0.01, 1.0),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    data=st.data(),
+)
+def test_matches_reference(device, batch, heads, head_dim, num_new, mask_kind, scale, dtype, data):
+    prefix = data.draw(st.lists(st.sampled_from([0, 1, 5, 64, 70, 130]), min_size=batch, max_size=batch))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    q, k_cache, v_cache, prefix_len = make_inputs(
+        batch, *heads, num_new, head_dim, prefix, dtype, device, seed
+    )
+    generator = torch.Generator().manual_seed(seed)
+    if mask_kind == "tree":
+        allowed = torch.stack([ancestor_mask(random_parents(num_new, generator)) for _ in range(batch)])
+    else:  # arbitrary bits, empty rows included: the kernel must not assume a tree
+        allowed = torch.rand(batch, num_new, num_new, generator=generator) < 0.3
+    tree_mask = None if mask_kind == "none" else msd_kernels.pack_mask(allowed).to(device)
+    compiled, expected = run_both(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+    assert compiled.dtype == dtype and compiled.shape == q.shape
+    assert_close(compiled, expected, dtype)
+
+
+# --------------------------------------------------------------------------- independent checks
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("num_new", [5, 70])
+def test_tree_row_equals_attention_over_its_path(device, heads, num_new):
+    prefix = [0, 9]
+    q, k_cache, v_cache, prefix_len = make_inputs(2, *heads, num_new, 32, prefix, torch.float32, device, 7)
+    generator = torch.Generator().manual_seed(1)
+    parents = [random_parents(num_new, generator) for _ in prefix]
+    tree_mask = msd_kernels.pack_mask(torch.stack([ancestor_mask(p) for p in parents])).to(device)
+    out = msd_kernels.tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, backend="compiled")
+    for b, start in enumerate(prefix):
+        for i in range(num_new):
+            rows = list(range(start)) + [start + node for node in path(parents[b], i)]
+            expected = sdpa(q[b, :, i : i + 1], k_cache[b, :, rows], v_cache[b, :, rows])
+            assert_close(out[b, :, i : i + 1], expected, torch.float32)
+
+
+@pytest.mark.parametrize("num_new", [1, 6, 65])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_mask_is_a_causal_chunk(device, num_new, dtype):
+    prefix = [0, 3, 100]
+    q, k_cache, v_cache, prefix_len = make_inputs(3, 8, 2, num_new, 64, prefix, dtype, device, 3)
+    out = msd_kernels.tree_attention(q, k_cache, v_cache, prefix_len, scale=0.3, backend="compiled")
+    for b, start in enumerate(prefix):
+        total = start + num_new
+        keys, values = k_cache[b, :, :total], v_cache[b, :, :total]
+        if start == 0:
+            expected = sdpa(q[b], keys, values, scale=0.3, is_causal=True)
+        else:  # query i sits at position start + i and sees every key up to there
+            causal = torch.ones(num_new, total, dtype=torch.bool, device=device).tril(start)
+            expected = sdpa(q[b], keys, values, mask=causal, scale=0.3)
+        assert_close(out[b], expected, dtype)
+
+
+def test_all_ones_mask_sees_everything(device):
+    num_new, prefix = 67, [0, 40]
+    q, k_cache, v_cache, prefix_len = make_inputs(2, 4, 2, num_new, 16, prefix, torch.float32, device, 5)
+    all_ones = msd_kernels.pack_mask(torch.ones(2, num_new, num_new, dtype=torch.bool)).to(device)
+    out = msd_kernels.tree_attention(q, k_cache, v_cache, prefix_len, all_ones, backend="compiled")
+    for b, start in enumerate(prefix):
+        total = start + num_new
+        assert_close(out[b], sdpa(q[b], k_cache[b, :, :total], v_cache[b, :, :total]), torch.float32)
+
+
+def test_row_that_sees_nothing_is_zero(device):
+    allowed = ancestor_mask([-1, 0, 0, 1])
+    allowed[2] = False  # node 2 sees no token, and the prefix is empty
+    q, k_cache, v_cache, prefix_len = make_inputs(1, 4, 4, 4, 16, [0], torch.float32, device, 11)
+    tree_mask = msd_kernels.pack_mask(allowed[None]).to(device)
+    compiled, expected = run_both(q, k_cache, v_cache, prefix_len, tree_mask)
+    assert torch.equal(compiled[:, :, 2].cpu(), torch.zeros(1, 4, 16))
+    assert_close(compiled, expected, torch.float32)
+
+
+def test_hand_computed_uniform_attention(device):
+    # q = 0 makes every visible score equal, so each output is the mean of the visible values.
+    values = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, -4.0], [100.0, 100.0]])  # row 3 is unused
+    v_cache = values[None, None].to(device)
+    k_cache = torch.randn(1, 1, 4, 2).to(device)
+    q = torch.zeros(1, 1, 2, 2, device=device)
+    prefix_len = torch.tensor([1], dtype=torch.int32, device=device)
+    siblings = msd_kernels.pack_mask(torch.eye(2, dtype=torch.bool)[None]).to(device)
+    out = msd_kernels.tree_attention(q, k_cache, v_cache, prefix_len, siblings, backend="compiled")
+    expected = torch.tensor([[2.0, 1.0], [3.0, -2.0]])  # (v0 + v1) / 2, (v0 + v2) / 2
+    torch.testing.assert_close(out[0, 0].cpu(), expected)
+    chain = msd_kernels.tree_attention(q, k_cache, v_cache, prefix_len, backend="compiled")
+    torch.testing.assert_close(chain[0, 0, 1].cpu(), torch.tensor([3.0, -2.0 / 3.0]))  # (v0+v1+v2)/3
+
+
+def test_default_scale_is_inverse_sqrt_head_dim(device):
+    q, k_cache, v_cache, prefix_len = make_inputs(1, 2, 1, 3, 80, [10], torch.float32, device, 2)
+    default = msd_kernels.tree_attention(q, k_cache, v_cache, prefix_len, backend="compiled")
+    explicit = msd_kernels.tree_attention(
+        q, k_cache, v_cache, prefix_len, scale=1 / math.sqrt(80), backend="compiled"
+    )
+    torch.testing.assert_close(default, explicit)
+
+
+@pytest.mark.parametrize("layout", ["cache_slice", "seq_major", "strided_features"])
+def test_non_contiguous_cache(device, layout):
+    q, k_cache, v_cache, prefix_len = make_inputs(2, 4, 2, 9, 16, [4, 20], torch.float32, device, 4)
+    if layout == "cache_slice":  # a view of a larger cache: dense rows, batch/head strides differ
+        views = [torch.cat([c, torch.randn_like(c)], dim=2)[:, :, : c.shape[2]] for c in (k_cache, v_cache)]
+    elif layout == "seq_major":  # [B, S, H, D] storage seen as [B, H, S, D]
+        views = [c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k_cache, v_cache)]
+    else:  # every other feature of a wider buffer: the kernel must copy
+        views = [
+            torch.stack([c, torch.randn_like(c)], dim=-1).flatten(-2)[..., ::2] for c in (k_cache, v_cache)
+        ]
+    assert not views[0].is_contiguous() and torch.equal(views[0], k_cache)
+    compiled, expected = run_both(q, *views, prefix_len)
+    assert_close(compiled, expected, torch.float32)
+
+
+# --------------------------------------------------------------------------- bad input
+# The CPU kernel reads prefix_len on the host for free; a CUDA kernel cannot without a sync.
+@pytest.mark.parametrize("prefix", [[-1, 0], [0, 8]])
+def test_prefix_len_out_of_range_is_an_error(prefix):
+    q, k_cache, v_cache, _ = make_inputs(2, 2, 2, 4, 16, [4, 4], torch.float32, "cpu", 0)  # S_max = 11
+    bad = torch.tensor(prefix, dtype=torch.int32)
+    with pytest.raises((RuntimeError, ValueError), match="prefix_len"):
+        msd_kernels.tree_attention(q, k_cache, v_cache, bad, backend="compiled")
+    good = torch.tensor([0, 7], dtype=torch.int32)  # 7 + 4 = S_max: the last rows still fit
+    compiled, expected = run_both(q, k_cache, v_cache, good)
+    assert_close(compiled, expected, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        (lambda a: {**a, "v_cache": a["v_cache"][:, :, :-1]}, "v_cache"),
+        (lambda a: {**a, "k_cache": a["k_cache"].double()}, "k_cache"),
+        (lambda a: {**a, "prefix_len": a["prefix_len"].long()}, "prefix_len"),
+        (lambda a: {**a, "tree_mask": torch.zeros(1, 3, 1, dtype=torch.int64)}, "tree_mask"),
+        (
+            lambda a: {
+                **a,
+                "k_cache": a["k_cache"][:, :1].expand(1, 3, -1, -1),
+                "v_cache": a["v_cache"][:, :1].expand(1, 3, -1, -1),
+            },
+            "kv heads",
+        ),
+    ],
+)
+def test_kernel_checks_its_arguments(change, name):
+    msd_kernels.load_library()
+    q, k_cache, v_cache, prefix_len = make_inputs(1, 4, 2, 4, 16, [2], torch.float32, "cpu", 0)
+    args = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "prefix_len": prefix_len, "tree_mask": None}
+    with pytest.raises(RuntimeError, match=name):
+        torch.ops.msd.tree_attention(**change(args))
