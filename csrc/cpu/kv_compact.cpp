@@ -1,6 +1,110 @@
-// PLACEHOLDER until the kv_compact CPU kernel lands (replaced in this same change).
+// KV-cache compaction on the CPU: move the accepted tree rows next to the prefix in every
+// K/V plane at once, then advance prefix_len. Rows are copied as raw bytes, so any dtype
+// works.
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
 #include "cpu/ops_cpu.h"
+
 namespace msd::cpu {
-void kv_compact(const Tensor&, const Tensor&, const Tensor&, const Tensor&) { TORCH_CHECK(false, "msd::kv_compact: CPU kernel not written yet"); }
+namespace {
+
+// Bytes one parallel task should copy at least (as ATen's GRAIN_SIZE elements): below
+// that, thread hand-off costs more than the copy.
+constexpr int64_t kTaskBytes = 32768;
+
+// One sequence's move: rows prefix + source[j] -> prefix + j for j = 0 .. count - 1.
+struct SequenceMove {
+  int64_t prefix;
+  int64_t count;          // a + 1 (root included)
+  const int64_t* source;  // [count] tree indices (accepted_index row)
+};
+
+// Checks every value (before anything is written) and returns each sequence's move.
+std::vector<SequenceMove> plan_moves(const Tensor& accepted_index, const Tensor& num_accepted,
+                                     const Tensor& prefix_len, int64_t max_len) {
+  const int64_t batch = accepted_index.size(0), width = accepted_index.size(1);
+  const int64_t* index = accepted_index.data_ptr<int64_t>();
+  const int64_t* counts = num_accepted.data_ptr<int64_t>();
+  const int32_t* prefixes = prefix_len.data_ptr<int32_t>();
+  std::vector<SequenceMove> moves(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t prefix = prefixes[b], accepted = counts[b];
+    TORCH_CHECK(accepted >= 0 && accepted < width, "kv_compact: num_accepted[", b, "] = ", accepted,
+                " is outside [0, ", width, ")");
+    TORCH_CHECK(prefix >= 0 && prefix + accepted + 1 <= max_len, "kv_compact: prefix_len[", b, "] = ", prefix,
+                " leaves no room for ", accepted + 1, " rows in a cache of ", max_len);
+    const int64_t* source = index + b * width;
+    for (int64_t j = 0; j <= accepted; ++j) {
+      TORCH_CHECK(source[j] >= 0 && prefix + source[j] < max_len, "kv_compact: accepted_index[", b, ", ", j,
+                  "] = ", source[j], " points outside the cache of ", max_len, " rows (prefix_len ", prefix,
+                  ")");
+    }
+    moves[b] = {prefix, accepted + 1, source};
+  }
+  return moves;
+}
+
+}  // namespace
+
+void kv_compact(
+    const Tensor& kv_cache,        // [N, B, H, S_max, D] any dtype, contiguous, edited in place
+    const Tensor& accepted_index,  // [B, A] int64 tree indices, root first
+    const Tensor& num_accepted,    // [B] int64, a < A
+    const Tensor& prefix_len) {    // [B] int32, advanced by a + 1 in place
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous(),
+              "kv_compact: kv_cache must be a contiguous [N, B, H, S_max, D] tensor, got ", kv_cache.sizes());
+  const int64_t planes = kv_cache.size(0), batch = kv_cache.size(1), heads = kv_cache.size(2);
+  const int64_t max_len = kv_cache.size(3);
+  TORCH_CHECK(accepted_index.dim() == 2 && accepted_index.size(0) == batch &&
+                  accepted_index.scalar_type() == at::kLong,
+              "kv_compact: accepted_index must be [", batch, ", A] int64, got ", accepted_index.sizes(), " ",
+              accepted_index.scalar_type());
+  TORCH_CHECK(num_accepted.dim() == 1 && num_accepted.size(0) == batch && num_accepted.scalar_type() == at::kLong,
+              "kv_compact: num_accepted must be [", batch, "] int64, got ", num_accepted.sizes(), " ",
+              num_accepted.scalar_type());
+  TORCH_CHECK(prefix_len.dim() == 1 && prefix_len.size(0) == batch && prefix_len.scalar_type() == at::kInt &&
+                  prefix_len.is_contiguous(),
+              "kv_compact: prefix_len must be a contiguous [", batch, "] int32 tensor, got ", prefix_len.sizes(),
+              " ", prefix_len.scalar_type());
+  const Tensor index = accepted_index.contiguous();
+  const std::vector<SequenceMove> moves = plan_moves(index, num_accepted.contiguous(), prefix_len, max_len);
+
+  const int64_t row_bytes = kv_cache.size(4) * static_cast<int64_t>(kv_cache.element_size());
+  const int64_t head_bytes = max_len * row_bytes;
+  const int64_t width = index.size(1);
+  auto* cache = static_cast<char*>(kv_cache.data_ptr());
+  // One task per (plane, sequence, head) slab; a few rows each, so batch slabs per task.
+  const int64_t grain = std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, width * row_bytes));
+  at::parallel_for(0, planes * batch * heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<char> staged(width * row_bytes);  // gather before scatter: moves overlap
+    for (int64_t slab = begin; slab < end; ++slab) {
+      const SequenceMove& move = moves[(slab / heads) % batch];
+      char* rows = cache + slab * head_bytes + move.prefix * row_bytes;
+      // Row j = source[j] stays put (the root always does): neither staged nor written.
+      int64_t staged_rows = 0;
+      for (int64_t j = 0; j < move.count; ++j) {
+        if (move.source[j] != j) {
+          std::memcpy(staged.data() + staged_rows++ * row_bytes, rows + move.source[j] * row_bytes, row_bytes);
+        }
+      }
+      staged_rows = 0;
+      for (int64_t j = 0; j < move.count; ++j) {
+        if (move.source[j] != j) {
+          std::memcpy(rows + j * row_bytes, staged.data() + staged_rows++ * row_bytes, row_bytes);
+        }
+      }
+    }
+  });
+
+  int32_t* prefixes = prefix_len.data_ptr<int32_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    prefixes[b] = static_cast<int32_t>(moves[b].prefix + moves[b].count);
+  }
+}
+
 }  // namespace msd::cpu
