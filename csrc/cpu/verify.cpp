@@ -35,8 +35,8 @@ void check_range(const char* op, const char* name, const Tensor& values, int64_t
 }
 
 // Shapes of `scores` ([B, T+1, V]) and the tree tensors, and the values of the latter.
-TreeTensors check_tree(const char* op, const char* scores_name, const Tensor& scores, const Tensor& tree_tokens,
-                       const Tensor& first_child, const Tensor& next_sibling) {
+TreeTensors check_tree(const char* op, const char* scores_name, const Tensor& scores,
+                       const Tensor& tree_tokens, const Tensor& first_child, const Tensor& next_sibling) {
   TORCH_CHECK(scores.dim() == 3, op, ": ", scores_name, " must be [B, T+1, V], got ", scores.sizes());
   const int64_t batch = scores.size(0), size = scores.size(1), vocab = scores.size(2);
   TORCH_CHECK(size >= 1 && vocab >= 1, op, ": ", scores_name, " needs T+1 >= 1 and V >= 1, got ",
