@@ -56,7 +56,8 @@ MSD_HOST_DEVICE MSD_INLINE bool earlier_sibling_has(const TreeView& tree, int64_
 }
 
 // Smallest token >= `from` among the children of `node`, or `vocab` if none: lets the
-// residual scan skip rejected tokens without a [vocab] scratch buffer.
+// residual scan skip rejected tokens without a [vocab] scratch buffer. The sampling walk
+// has already followed this sibling chain to its end, so it has no cycle.
 MSD_HOST_DEVICE MSD_INLINE int64_t next_child_token(const TreeView& tree, int64_t node, int64_t from,
                                                     int64_t vocab) {
   int64_t next = vocab;
