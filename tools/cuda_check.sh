@@ -33,19 +33,21 @@ echo "cuda-check: $count translation units compiled cleanly for sm_80 and sm_90"
 # installed torch's headers, which ship the CUDA ones even in CPU builds.
 PYTHON=${PYTHON:-python3}
 torch_include=$("$PYTHON" -c "from torch.utils.cpp_extension import include_paths; print(' '.join(include_paths()))")
-# The toolkit root as nvcc itself reports it (nvcc may be a wrapper script elsewhere).
-cuda_include=$("$NVCC" --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)/include
-# CPU builds of torch ship the c10/cuda headers without their configure-generated
-# c10/cuda/impl/cuda_cmake_macros.h: supply the shared-library one, searched last.
-shim="$out/shim"
-mkdir -p "$shim/c10/cuda/impl"
-printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$shim/c10/cuda/impl/cuda_cmake_macros.h"
+# Where nvcc finds the CUDA runtime headers (nvcc may be a wrapper script outside the toolkit).
+printf '#include <cuda_runtime_api.h>\n' > "$out/probe.cu"
+cuda_include=$(dirname "$("$NVCC" -M "$out/probe.cu" | tr ' \\' '\n\n' | grep '/cuda_runtime_api\.h$' | head -1)")
+# CPU wheels ship c10/cuda headers without the build-generated cuda_cmake_macros.h: stub it.
+stub_include="$out/stub"
+if [ ! -e "$(echo "$torch_include" | cut -d' ' -f1)/c10/cuda/impl/cuda_cmake_macros.h" ]; then
+  mkdir -p "$stub_include/c10/cuda/impl"
+  printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$stub_include/c10/cuda/impl/cuda_cmake_macros.h"
+fi
 glue=0
 for source in $(find csrc/cuda -name '*.cpp' | sort); do
   echo "g++ -fsyntax-only -Werror: $source"
   # shellcheck disable=SC2046
   g++ -std=c++17 -fsyntax-only -Wall -Wextra -Werror -Icsrc -Icsrc/include \
-      $(printf -- '-isystem %s ' $torch_include "$cuda_include" "$shim") "$source"
+      $(printf -- '-isystem %s ' $torch_include "$cuda_include" "$stub_include") "$source"
   glue=$((glue + 1))
 done
 echo "cuda-check: $glue torch glue files checked"
