@@ -339,3 +339,30 @@ def test_verify_sampling_is_lossless_over_100k_rows():
     assert torch.equal(accepted[:64], expected[0])
     assert torch.equal(num_accepted[:64], expected[1])
     assert torch.equal(bonus[:64], expected[2])
+
+
+# --------------------------------------------------------------------------- torch glue
+def _i64(*shape: int) -> torch.Tensor:
+    return torch.zeros(*shape, dtype=torch.int64, device=CUDA)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: torch.ops.msd.tree_expand(torch.zeros(1, 1, 100, device=CUDA), torch.zeros(1, 1, device=CUDA),
+                                           _i64(1, 1), *_poisoned_pool(1, 200), 0, 65), "top_k"),
+        (lambda: torch.ops.msd.tree_assemble(_i64(1, 20000), torch.zeros(1, 20000, device=CUDA), _i64(1, 20000),
+                                             _i64(1), 10), "pool size"),
+        (lambda: torch.ops.msd.kv_compact(torch.zeros(2, 1, 1, 8, 4, device=CUDA), _i64(1, 2000), _i64(1),
+                                          torch.zeros(1, dtype=torch.int32, device=CUDA)), "accepted_index"),
+        (lambda: torch.ops.msd.verify_greedy(torch.zeros(1, 3, 5, dtype=torch.float64, device=CUDA), _i64(1, 3),
+                                             _i64(1, 3), _i64(1, 3)), "logits"),
+        (lambda: torch.ops.msd.verify_sampling(torch.zeros(1, 3, 5, device=CUDA), _i64(1, 3), _i64(1, 3), _i64(1, 3),
+                                               torch.zeros(2, dtype=torch.int64)), "rng_state"),
+    ],
+)
+def test_glue_rejects_bad_arguments(call, message):
+    """The CUDA ops called directly (no Python wrapper) still name the bad argument."""
+    msd_kernels.load_library()
+    with pytest.raises(RuntimeError, match=message):
+        call()
