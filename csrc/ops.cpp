@@ -1,5 +1,6 @@
 // The one registration file: schemas of every msd op, and their CPU implementations.
-// CUDA implementations register against the same schemas in cuda/ops_cuda.cpp.
+// CUDA implementations register against the same schemas in cuda/ops_cuda.cpp and
+// cuda/tree_attention_glue.cpp.
 // Semantics: msd_kernels/reference.py. Mutated arguments are marked (a!).
 #include <torch/library.h>
 
