@@ -1,0 +1,58 @@
+"""A static K/V cache whose rows the msd kernels edit in place.
+
+All layers' K and V live in one buffer ``[2 * layers, B, Hkv, S_max, D]`` (plane ``2l`` is
+layer l's K, ``2l + 1`` its V), so one ``kv_compact`` call moves the accepted rows of every
+layer. ``prefix_len`` (``[B]`` int32, on the device) counts the committed rows of each
+sequence; sizes that change per step never leave the device.
+
+It implements the part of the Hugging Face ``Cache`` protocol that the Llama attention
+calls (``update``); positions and masks come from msd's engine, not from the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import msd_kernels
+
+
+class StaticKVCache:
+    """Preallocated K/V rows for ``num_layers`` layers of ``batch`` sequences.
+
+    ``update`` writes a chunk of ``Q`` new rows at ``prefix_len + write_offset`` and
+    returns the layer's whole K and V buffers; the attention reads what it may see from
+    ``prefix_len`` and its mask. The engine then commits rows with :meth:`advance` or
+    :meth:`compact`.
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.kv = torch.zeros(2 * num_layers, batch, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.prefix_len = torch.zeros(batch, dtype=torch.int32, device=device)
+        # Rows past prefix_len where the next chunk goes (the draft's tree levels stack up).
+        self.write_offset = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.shape[3]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs=None):
+        """Write ``[B, Hkv, Q, D]`` new K/V rows; return the layer's ``[B, Hkv, S_max, D]`` buffers."""
+        batch, heads, num_new, head_dim = key_states.shape
+        rows = self.prefix_len.long().unsqueeze(1) + self.write_offset + torch.arange(num_new, device=self.kv.device)
+        index = rows[:, None, :, None].expand(batch, heads, num_new, head_dim)
+        keys, values = self.kv[2 * layer_idx], self.kv[2 * layer_idx + 1]
+        keys.scatter_(2, index, key_states.to(keys.dtype))
+        values.scatter_(2, index, value_states.to(values.dtype))
+        return keys, values
+
+    def advance(self, num_rows: int | torch.Tensor) -> None:
+        """Commit the rows just written: ``prefix_len += num_rows``."""
+        self.prefix_len += num_rows
+
+    def compact(self, accepted_index: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        """Keep the accepted tree rows (root first) and commit them (see ``kv_compact``)."""
+        msd_kernels.kv_compact(self.kv, accepted_index, num_accepted, self.prefix_len)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.prefix_len.max())

@@ -1,0 +1,270 @@
+"""``SpeculativeLLaVA``: MSD speculative decoding as a drop-in ``generate()``.
+
+One step (MSD_SPEC.md 3): the draft grows a tree under the last emitted token, the target
+scores the whole tree in one forward pass (msd's tree attention over a static cache),
+the verifier keeps the longest agreeing path plus a bonus token, and both caches keep
+only what was accepted. Greedy output equals ``target.generate(do_sample=False)``;
+sampling draws from the same distribution as ``target.generate(do_sample=True)``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, GenerationConfig, PreTrainedModel
+from transformers.generation.stopping_criteria import StopStringCriteria
+
+import msd_kernels
+from msd.attention import tree_attention_mode
+from msd.cache import StaticKVCache
+from msd.draft import MSDDraftModel
+from msd.draft_checkpoint import load_draft
+from msd.sampling import check_supported, logits_warpers, sampling_probs
+from msd.tree_draft import ProposalHook, TreeDrafter
+
+
+@dataclass
+class GenerationStats:
+    """Statistics of the last ``generate`` call."""
+
+    new_tokens: int = 0
+    seconds: float = 0.0
+    accepted: list[int] = field(default_factory=list)  # draft tokens accepted at each step
+
+    @property
+    def steps(self) -> int:
+        """Target verification forwards."""
+        return len(self.accepted)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens per verification forward (accepted + bonus); the prefill's token aside."""
+        return (self.new_tokens - 1) / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+
+class SpeculativeLLaVA:
+    """A LLaVA / LLaVA-NeXT target with an MSD draft head.
+
+    Args:
+        target: a ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``.
+        draft: the MSD draft head, on the target's device.
+        top_k: children per node and frontier width of the draft tree (default 10).
+        depth: expansion steps (default 5; paths of up to ``depth + 1`` draft tokens).
+        total_tokens: tree tokens verified per step, root included (default 60).
+        proposal_hook: test seam replacing the draft's logits (see ``msd.tree_draft``).
+    """
+
+    def __init__(self, target: PreTrainedModel, draft: MSDDraftModel, *, top_k: int = 10, depth: int = 5,
+                 total_tokens: int = 60, proposal_hook: ProposalHook | None = None):
+        if not 1 <= top_k <= msd_kernels.MAX_TOP_K:
+            raise ValueError(f"top_k must be in [1, {msd_kernels.MAX_TOP_K}], got {top_k}")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        pool = msd_kernels.pool_size(top_k, depth)
+        if not 2 <= total_tokens <= min(pool + 1, msd_kernels.MAX_TREE_TOKENS):
+            raise ValueError(f"total_tokens must be in [2, {min(pool + 1, msd_kernels.MAX_TREE_TOKENS)}] "
+                             f"for top_k={top_k}, depth={depth}; got {total_tokens}")
+        text_config = target.config.text_config
+        if draft.config.hidden_size != text_config.hidden_size or draft.config.vocab_size != text_config.vocab_size:
+            raise ValueError(
+                f"draft width/vocabulary ({draft.config.hidden_size}, {draft.config.vocab_size}) do not match "
+                f"the target's ({text_config.hidden_size}, {text_config.vocab_size})"
+            )
+        self.target, self.draft = target.eval(), draft.eval()
+        if self.draft.lm_head is None:
+            self.draft.set_lm_head(target.get_output_embeddings())
+        self.top_k, self.depth, self.total_tokens = top_k, depth, total_tokens
+        self.proposal_hook = proposal_hook
+        self.last_stats = GenerationStats()
+
+    @classmethod
+    def from_pretrained(cls, target: str | Path | PreTrainedModel, draft: str | Path | MSDDraftModel, *,
+                        top_k: int = 10, depth: int = 5, total_tokens: int = 60, **target_kwargs):
+        """Load the target (path or Hub id, ``from_pretrained`` keyword arguments such as
+        ``dtype`` or ``device_map`` pass through) and the draft checkpoint."""
+        if not isinstance(target, PreTrainedModel):
+            target = AutoModelForImageTextToText.from_pretrained(target, **target_kwargs)
+        if not isinstance(draft, MSDDraftModel):
+            draft = load_draft(draft, target=target)
+        return cls(target, draft, top_k=top_k, depth=depth, total_tokens=total_tokens)
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        streamer=None,
+        tokenizer=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Same inputs and output as the target's ``generate``: ``[B, prompt + new]``.
+
+        Keyword arguments are generation options (``max_new_tokens``, ``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``stop_strings``, ...);
+        ``stop_strings`` needs ``tokenizer``. Statistics land in :attr:`last_stats`.
+        """
+        started = time.perf_counter()
+        config, _ = self.target._prepare_generation_config(generation_config, **kwargs)
+        check_supported(config)
+        self._check_inputs(input_ids, attention_mask, pixel_values)
+        prompt_len = input_ids.shape[1]
+        max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
+        if max_new < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+        eos = _token_set(config.eos_token_id)
+        stop_strings = (StopStringCriteria(tokenizer, config.stop_strings)
+                        if config.stop_strings else None)
+        if config.stop_strings and tokenizer is None:
+            raise ValueError("stop_strings needs tokenizer= (as in target.generate)")
+        warpers = logits_warpers(config)
+
+        target_cache, drafter = self._new_state(input_ids, max_new)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        emitted = input_ids[0].tolist()
+        stats = GenerationStats()
+
+        hidden, embeds = self._prefill(input_ids, pixel_values, image_sizes, target_cache)
+        first = self._choose(config.do_sample, warpers, self.target.lm_head(hidden[:, -1:]))[:, 0]  # [B]
+        image_token = self.target.config.image_token_id
+        visual = input_ids[:, 1:] == image_token
+        no = torch.zeros_like(visual[:, :1])
+        drafter.commit(torch.cat([input_ids[:, 1:], first[:, None]], 1), hidden,
+                       torch.cat([embeds[:, 1:], torch.zeros_like(embeds[:, :1])], 1), torch.cat([visual, no], 1))
+        rng_state = torch.stack([torch.randint(0, 2**62, ()), torch.zeros((), dtype=torch.long)]).to(
+            input_ids.device)
+
+        new_tokens = [int(first[0])]
+        done = self._emit(new_tokens, emitted, eos, max_new, stop_strings, streamer, prompt_len)
+        while not done:
+            root = torch.tensor([emitted[-1]], device=input_ids.device)
+            tree = drafter.build(root, torch.tensor([emitted], device=input_ids.device)
+                                 if self.proposal_hook is not None else None)
+            verify_hidden = self._verify(tree, target_cache)
+            logits = self.target.lm_head(verify_hidden)
+            if config.do_sample:
+                accepted, num_accepted, bonus = msd_kernels.verify_sampling(
+                    sampling_probs(warpers, logits), tree.tokens, tree.first_child, tree.next_sibling, rng_state)
+            else:
+                accepted, num_accepted, bonus = msd_kernels.verify_greedy(
+                    logits, tree.tokens, tree.first_child, tree.next_sibling)
+            target_cache.compact(accepted, num_accepted)
+            count = int(num_accepted[0]) + 1  # the one host sync of a step: for stopping/streaming
+            stats.accepted.append(count - 1)
+            path = accepted[:, :count]  # [1, a + 1] tree rows, root first
+            step_tokens = torch.cat([tree.tokens.gather(1, path[:, 1:]), bonus[:, None]], 1)  # [1, a + 1]
+            done = self._emit(step_tokens[0].tolist(), emitted, eos, max_new, stop_strings, streamer, prompt_len)
+            if not done:
+                drafter.commit(step_tokens, verify_hidden.gather(
+                    1, path.unsqueeze(-1).expand(-1, -1, verify_hidden.shape[-1])))
+
+        if streamer is not None:
+            streamer.end()
+        stats.new_tokens = len(emitted) - prompt_len
+        stats.seconds = time.perf_counter() - started
+        self.last_stats = stats
+        return torch.tensor([emitted], dtype=input_ids.dtype, device=input_ids.device)
+
+    # ------------------------------------------------------------------ steps
+    def _check_inputs(self, input_ids, attention_mask, pixel_values) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a [batch, length] tensor")
+        if input_ids.shape[0] != 1:
+            raise NotImplementedError(
+                f"SpeculativeLLaVA.generate runs one sequence at a time for now; got batch {input_ids.shape[0]}")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise NotImplementedError("attention_mask with padding is not supported (batch size 1 needs none)")
+        image_tokens = int((input_ids == self.target.config.image_token_id).sum())
+        if image_tokens and pixel_values is None:
+            raise ValueError(f"input_ids hold {image_tokens} image tokens but pixel_values is None")
+        if pixel_values is not None and not image_tokens:
+            raise ValueError("pixel_values given but input_ids hold no image token")
+
+    def _new_state(self, input_ids: torch.Tensor, max_new: int) -> tuple[StaticKVCache, TreeDrafter]:
+        text = self.target.config.text_config
+        limit = getattr(text, "max_position_embeddings", None)
+        needed = input_ids.shape[1] + max_new + self.total_tokens
+        if limit is not None and input_ids.shape[1] + max_new > limit:
+            raise ValueError(f"input_ids ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new}) exceed the "
+                             f"target's max_position_embeddings ({limit})")
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        dtype, device = self.target.lm_head.weight.dtype, input_ids.device
+        target_cache = StaticKVCache(text.num_hidden_layers, 1, text.num_key_value_heads, needed, head_dim,
+                                     dtype, device)
+        draft_config = self.draft.config
+        draft_cache = StaticKVCache(1, 1, draft_config.num_key_value_heads, needed + self.depth * self.top_k,
+                                    draft_config.hidden_size // draft_config.num_attention_heads,
+                                    self.draft.fc.weight.dtype, device)
+        drafter = TreeDrafter(self.draft, draft_cache, self.top_k, self.depth, self.total_tokens - 1,
+                              self.proposal_hook)
+        return target_cache, drafter
+
+    def _prefill(self, input_ids, pixel_values, image_sizes, cache):
+        """Target forward over the prompt; returns the post-norm hidden states ``[B, L, H]``
+        (the draft's features) and the input embeddings with the images spliced in."""
+        captured = {}
+        text_model = self.target.model.language_model
+        hook = text_model.register_forward_pre_hook(
+            lambda module, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+        extra = {"image_sizes": image_sizes} if image_sizes is not None else {}
+        try:
+            with tree_attention_mode(self.target.config.text_config):
+                out = self.target.model(
+                    input_ids=input_ids, pixel_values=pixel_values, past_key_values=cache, use_cache=True,
+                    position_ids=torch.arange(input_ids.shape[1], device=input_ids.device)[None],
+                    msd_prefix_len=cache.prefix_len, msd_tree_mask=None, **extra)
+        finally:
+            hook.remove()
+        cache.advance(input_ids.shape[1])
+        return out.last_hidden_state, captured["embeds"]
+
+    def _verify(self, tree, cache) -> torch.Tensor:
+        """Target forward over the tree tokens; post-norm hidden states ``[B, T+1, H]``."""
+        embeds = self.target.get_input_embeddings()(tree.tokens)
+        positions = cache.prefix_len.long().unsqueeze(1) + tree.depth
+        with tree_attention_mode(self.target.config.text_config):
+            out = self.target.model.language_model(
+                inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True,
+                msd_prefix_len=cache.prefix_len, msd_tree_mask=tree.mask)
+        return out.last_hidden_state
+
+    @staticmethod
+    def _choose(do_sample: bool, warpers, logits: torch.Tensor) -> torch.Tensor:
+        """Next token ``[B, 1]`` from logits ``[B, 1, V]``: argmax, or a draw when sampling."""
+        if not do_sample:
+            return logits.argmax(-1)
+        return torch.multinomial(sampling_probs(warpers, logits[:, 0]), 1)
+
+    @staticmethod
+    def _emit(tokens, emitted, eos, max_new, stop_strings, streamer, prompt_len) -> bool:
+        """Append tokens one by one until a stop condition; returns whether to stop."""
+        for token in tokens:
+            emitted.append(token)
+            if streamer is not None:
+                streamer.put(torch.tensor([token]))
+            if token in eos or len(emitted) - prompt_len >= max_new:
+                return True
+            if stop_strings is not None and bool(stop_strings(torch.tensor([emitted]), None)[0]):
+                return True
+        return False
+
+
+def _token_set(eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, torch.Tensor):
+        return set(eos_token_id.flatten().tolist())
+    if isinstance(eos_token_id, int):
+        return {eos_token_id}
+    return set(eos_token_id)

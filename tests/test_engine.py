@@ -1,0 +1,307 @@
+"""SpeculativeLLaVA against Hugging Face's own generate: lossless greedy decoding, the
+sampling distribution, stopping, streaming, checkpoints and bad input."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+from scipy import stats as scipy_stats
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import msd
+from msd.draft_checkpoint import save_draft
+from tiny_models import (
+    IMAGE_SIZE,
+    IMAGE_TOKEN,
+    VOCAB,
+    OracleProposals,
+    image_token_counts,
+    random_draft,
+    tiny_llava,
+    tiny_llava_next,
+)
+
+MAX_NEW = 24
+TREES = {  # (top_k, depth, total_tokens)
+    "default": (10, 5, 60),
+    "small": (4, 3, 12),
+    "chain": (1, 4, 6),
+    "star": (6, 1, 7),
+    "narrow": (2, 3, 9),
+}
+
+
+@pytest.fixture(scope="module")
+def targets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("targets")
+    return {
+        "llava": tiny_llava(root / "llava", seed=1),
+        "llava-gqa": tiny_llava(root / "llava-gqa", seed=2, heads=4, kv_heads=2),
+        "llava-next": tiny_llava_next(root / "llava-next", seed=3, heads=4, kv_heads=2),
+    }
+
+
+def make_prompt(target, num_images: int, seed: int = 0) -> dict:
+    """input_ids with ``num_images`` images, and the matching pixel_values / image_sizes."""
+    gen = torch.Generator().manual_seed(seed)
+    words = lambda n: torch.randint(3, IMAGE_TOKEN - 1, (n,), generator=gen).tolist()  # noqa: E731
+    inputs: dict = {}
+    counts: list[int] = []
+    if num_images:
+        if "Next" in type(target).__name__:
+            inputs["pixel_values"] = torch.randn(num_images, 5, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+            inputs["image_sizes"] = torch.tensor([[30, 20], [28, 31]][:num_images])
+        else:
+            inputs["pixel_values"] = torch.randn(num_images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+        counts = image_token_counts(target, inputs["pixel_values"], inputs.get("image_sizes"))
+    ids = [1] + words(3)
+    for count in counts:
+        ids += [IMAGE_TOKEN] * count + words(2)
+    inputs["input_ids"] = torch.tensor([ids + words(2)])
+    return inputs
+
+
+def hf_greedy(target, inputs, **kwargs) -> torch.Tensor:
+    return target.generate(**inputs, do_sample=False, max_new_tokens=kwargs.pop("max_new_tokens", MAX_NEW),
+                           **kwargs)
+
+
+def engine_for(target, tree="small", proposal_hook=None) -> msd.SpeculativeLLaVA:
+    top_k, depth, total = TREES[tree]
+    return msd.SpeculativeLLaVA(target, random_draft(target), top_k=top_k, depth=depth, total_tokens=total,
+                                proposal_hook=proposal_hook)
+
+
+# 3 targets x 3 prompts x 2 trees x 3 drafts = 54 greedy cases.
+GREEDY_CASES = list(itertools.product(
+    ["llava", "llava-gqa", "llava-next"], [0, 1, 2], ["small", "chain"], ["random", 0.0, 0.5]))
+GREEDY_CASES += [("llava-gqa", 1, "default", 0.2), ("llava", 2, "star", 0.0), ("llava-next", 1, "narrow", 0.3)]
+
+
+@pytest.mark.parametrize("name,num_images,tree,draft", GREEDY_CASES)
+def test_greedy_equals_target_generate(targets, name, num_images, tree, draft):
+    target = targets[name]
+    inputs = make_prompt(target, num_images, seed=num_images)
+    expected = hf_greedy(target, inputs)
+    hook = None if draft == "random" else OracleProposals(expected[0].tolist(), corruption=draft)
+    engine = engine_for(target, tree, hook)
+    got = engine.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+    assert got.tolist() == expected.tolist()
+    stats = engine.last_stats
+    assert stats.new_tokens == expected.shape[1] - inputs["input_ids"].shape[1]
+    if draft == 0.0 and tree == "chain":  # a perfect draft: every step takes the whole path
+        assert max(stats.accepted) == TREES[tree][1] + 1
+
+
+def test_every_acceptance_length_occurs(targets):
+    """Across corruption levels, steps accept 0, 1, ..., depth + 1 draft tokens, and the
+    output stays exact throughout."""
+    target = targets["llava"]
+    top_k, depth, _ = TREES["small"]
+    seen: set[int] = set()
+    for seed, corruption in enumerate([0.0, 0.15, 0.3, 0.5, 0.8]):
+        inputs = make_prompt(target, 1, seed=seed)
+        expected = hf_greedy(target, inputs, max_new_tokens=40)
+        engine = engine_for(target, "small", OracleProposals(expected[0].tolist(), corruption, seed))
+        assert engine.generate(**inputs, max_new_tokens=40).tolist() == expected.tolist()
+        seen.update(engine.last_stats.accepted)
+    assert seen == set(range(depth + 2))
+
+
+def test_default_tree_with_a_good_draft_reaches_a_high_tau(targets):
+    target = targets["llava-gqa"]
+    inputs = make_prompt(target, 1)
+    expected = hf_greedy(target, inputs, max_new_tokens=40)
+    engine = engine_for(target, "default", OracleProposals(expected[0].tolist(), corruption=0.0))
+    assert engine.generate(**inputs, max_new_tokens=40).tolist() == expected.tolist()
+    assert engine.last_stats.tau > 5.0  # depth 5: up to 6 accepted + 1 bonus per step
+
+
+# --------------------------------------------------------------------------- stopping
+def test_eos_inside_an_accepted_path_stops_there(targets):
+    target = targets["llava"]
+    inputs = make_prompt(target, 1)
+    prompt_len = inputs["input_ids"].shape[1]
+    free_run = hf_greedy(target, inputs, eos_token_id=None)[0].tolist()
+    eos = free_run[prompt_len + 4]  # emitted mid-way through a long accepted path
+    expected = hf_greedy(target, inputs, eos_token_id=eos)
+    engine = engine_for(target, "chain", OracleProposals(free_run, corruption=0.0))
+    got = engine.generate(**inputs, max_new_tokens=MAX_NEW, eos_token_id=eos)
+    assert got.tolist() == expected.tolist()
+    assert got[0, -1].item() == eos and eos not in got[0, prompt_len:-1].tolist()
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 9, 13])
+def test_max_new_tokens_reached_mid_path(targets, max_new_tokens):
+    target = targets["llava-gqa"]
+    inputs = make_prompt(target, 0)
+    expected = hf_greedy(target, inputs, max_new_tokens=max_new_tokens, eos_token_id=None)
+    engine = engine_for(target, "chain", OracleProposals(expected[0].tolist() + [0] * 8, corruption=0.0))
+    got = engine.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=None)
+    assert got.tolist() == expected.tolist()
+    assert got.shape[1] == inputs["input_ids"].shape[1] + max_new_tokens
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Token id i <-> the word "w{i}"; words decode space-separated. ("abcdef" is there
+    because StopStringCriteria tokenizes it to learn how tokens join.)"""
+    vocab = {f"w{i}": i for i in range(VOCAB)} | {"abcdef": VOCAB}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0")
+
+
+def test_stop_strings(targets):
+    target = targets["llava"]
+    tokenizer = word_tokenizer()
+    inputs = make_prompt(target, 1)
+    prompt_len = inputs["input_ids"].shape[1]
+    free_run = hf_greedy(target, inputs, eos_token_id=None)[0].tolist()
+    stop = f"w{free_run[prompt_len + 5]}"
+    expected = hf_greedy(target, inputs, eos_token_id=None, stop_strings=[stop], tokenizer=tokenizer)
+    assert expected.shape[1] < len(free_run)  # the stop string did cut the run
+    engine = engine_for(target, "small", OracleProposals(free_run, corruption=0.0))
+    got = engine.generate(**inputs, max_new_tokens=MAX_NEW, eos_token_id=None, stop_strings=[stop],
+                          tokenizer=tokenizer)
+    assert got.tolist() == expected.tolist()
+
+
+class RecordingStreamer:
+    def __init__(self):
+        self.chunks: list[list[int]] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_receives_exactly_the_returned_tokens(targets):
+    target = targets["llava-next"]
+    inputs = make_prompt(target, 1)
+    expected = hf_greedy(target, inputs)
+    streamer = RecordingStreamer()
+    engine = engine_for(target, "small", OracleProposals(expected[0].tolist(), corruption=0.3))
+    got = engine.generate(**inputs, max_new_tokens=MAX_NEW, streamer=streamer)
+    assert streamer.ended
+    assert streamer.chunks[0] == inputs["input_ids"][0].tolist()  # the prompt first, as generate does
+    assert sum(streamer.chunks[1:], []) == got[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+# --------------------------------------------------------------------------- sampling
+def exact_two_token_distribution(target, inputs, warpers) -> dict[tuple[int, int], float]:
+    """P(t1, t2) under the target's processed distribution, by enumerating t1."""
+    from msd.sampling import sampling_probs
+
+    with torch.no_grad():
+        first = sampling_probs(warpers, target(**inputs).logits[:, -1])[0]
+        joint = {}
+        for t1 in first.nonzero().flatten().tolist():
+            ids = torch.cat([inputs["input_ids"], torch.tensor([[t1]])], 1)
+            second = sampling_probs(warpers, target(**{**inputs, "input_ids": ids}).logits[:, -1])[0]
+            for t2 in second.nonzero().flatten().tolist():
+                joint[(t1, t2)] = float(first[t1] * second[t2])
+    return joint
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.6, top_k=4), dict(temperature=1.3, top_k=6, top_p=0.7)])
+def test_sampling_matches_the_target_distribution(targets, options):
+    """The first two tokens (the second one comes from tree verification) follow the
+    target's own sampling distribution: chi-square p > 1e-3 over 600 runs, and total
+    variation < 0.1."""
+    from transformers import GenerationConfig
+
+    from msd.sampling import logits_warpers
+
+    target = targets["llava"]
+    inputs = make_prompt(target, 1)
+    config = GenerationConfig(do_sample=True, **options)
+    exact = exact_two_token_distribution(target, inputs, logits_warpers(config))
+    prompt_len = inputs["input_ids"].shape[1]
+    greedy = hf_greedy(target, inputs, max_new_tokens=4)[0].tolist()
+    engine = engine_for(target, "small", OracleProposals(greedy, corruption=0.3))
+    torch.manual_seed(0)
+    runs = 600
+    counts = Counter(
+        tuple(engine.generate(**inputs, do_sample=True, max_new_tokens=2, eos_token_id=None, **options)
+              [0, prompt_len:].tolist())
+        for _ in range(runs)
+    )
+    assert set(counts) <= set(exact), "sampled a pair the target gives probability 0"
+    cells = sorted(exact)
+    observed = [counts.get(cell, 0) for cell in cells]
+    total = sum(exact.values())  # 1 up to float rounding, which chisquare would reject
+    expected = [runs * exact[cell] / total for cell in cells]
+    # merge rare cells so chi-square's approximation holds
+    rare = [i for i, e in enumerate(expected) if e < 5]
+    if rare:
+        observed = [o for i, o in enumerate(observed) if i not in rare] + [sum(observed[i] for i in rare)]
+        expected = [e for i, e in enumerate(expected) if i not in rare] + [sum(expected[i] for i in rare)]
+    assert scipy_stats.chisquare(observed, expected).pvalue > 1e-3
+    total_variation = 0.5 * sum(abs(counts.get(c, 0) / runs - exact[c]) for c in cells)
+    assert total_variation < 0.1
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_released_checkpoint_loads_through_from_pretrained(targets, tmp_path):
+    target = targets["llava-gqa"]
+    folder = save_draft(random_draft(target, seed=5), tmp_path / "draft")
+    target.save_pretrained(tmp_path / "target")
+    engine = msd.SpeculativeLLaVA.from_pretrained(tmp_path / "target", folder, top_k=4, depth=3, total_tokens=12)
+    inputs = make_prompt(target, 1)
+    assert engine.generate(**inputs, max_new_tokens=12).tolist() == hf_greedy(target, inputs,
+                                                                               max_new_tokens=12).tolist()
+
+
+# --------------------------------------------------------------------------- bad input
+def test_pixel_values_not_matching_image_tokens(targets):
+    target = targets["llava"]
+    inputs = make_prompt(target, 2)
+    inputs["pixel_values"] = inputs["pixel_values"][:1]
+    with pytest.raises(ValueError, match="[Ii]mage"):
+        engine_for(target).generate(**inputs, max_new_tokens=4)
+    text_only = make_prompt(target, 0)
+    with pytest.raises(ValueError, match="pixel_values"):
+        engine_for(target).generate(**text_only, pixel_values=inputs["pixel_values"], max_new_tokens=4)
+    with_image = make_prompt(target, 1)
+    with pytest.raises(ValueError, match="pixel_values"):
+        engine_for(target).generate(input_ids=with_image["input_ids"], max_new_tokens=4)
+
+
+def test_prompt_longer_than_the_cache(targets):
+    target = targets["llava"]
+    limit = target.config.text_config.max_position_embeddings
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        engine_for(target).generate(input_ids=torch.full((1, limit - 3), 5), max_new_tokens=8)
+
+
+def test_draft_width_must_match_target(targets):
+    wide = random_draft(targets["llava"])
+    with pytest.raises(ValueError, match="width"):
+        msd.SpeculativeLLaVA(targets["llava"], wide.__class__(
+            wide.config.__class__(**{**wide.config.to_dict(), "hidden_size": 128})))
+
+
+def test_batch_larger_than_one_is_not_implemented_yet(targets):
+    with pytest.raises(NotImplementedError, match="batch"):
+        engine_for(targets["llava"]).generate(input_ids=torch.full((2, 6), 5), max_new_tokens=4)
+
+
+@pytest.mark.parametrize("option", [dict(num_beams=2), dict(repetition_penalty=1.2)])
+def test_unsupported_generation_options_are_refused(targets, option):
+    with pytest.raises(NotImplementedError, match=next(iter(option))):
+        engine_for(targets["llava"]).generate(input_ids=torch.full((1, 6), 5), max_new_tokens=4, **option)
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(top_k=0), "top_k"), (dict(depth=0), "depth"),
+                                         (dict(total_tokens=1), "total_tokens")])
+def test_bad_tree_settings(targets, kwargs, name):
+    target = targets["llava"]
+    with pytest.raises(ValueError, match=name):
+        msd.SpeculativeLLaVA(target, random_draft(target), **kwargs)
