@@ -13,7 +13,10 @@ from pathlib import Path
 # CUDA architectures built when TORCH_CUDA_ARCH_LIST is not set: Ampere and Hopper.
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
-CXX_FLAGS = ["-O3", "-std=c++17"]
+# -fopenmp: torch's CPU build runs at::parallel_for through OpenMP pragmas inlined from
+# ATen/ParallelOpenMP.h; without the flag g++ ignores them and every "parallel" loop of
+# the CPU kernels runs on one thread. The GOMP symbols resolve to the libgomp torch loads.
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
 
 

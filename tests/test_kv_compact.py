@@ -18,9 +18,10 @@ def random_cache(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Ge
 
 
 @st.composite
-def compaction_cases(draw):
+def compaction_cases(draw, ordered: bool = True):
     """Random caches and accepted paths as a verifier emits them: strictly increasing tree
-    indices starting with the root (0), so rows move down over overlapping ranges."""
+    indices starting with the root (0), so rows move down over overlapping ranges.
+    ``ordered=False``: any order and repeats too (the op's staged path), still root first."""
     batch = draw(st.integers(1, 3))
     tree_size = draw(st.integers(1, 12))  # T + 1
     width = draw(st.integers(1, tree_size))  # A
@@ -28,9 +29,12 @@ def compaction_cases(draw):
     for _ in range(batch):
         accepted = draw(st.integers(0, width - 1))
         nodes = draw(
-            st.lists(st.integers(1, max(1, tree_size - 1)), min_size=accepted, max_size=accepted, unique=True)
+            st.lists(
+                st.integers(1 if ordered else 0, max(1, tree_size - 1)),
+                min_size=accepted, max_size=accepted, unique=ordered,
+            )
         )
-        paths.append([0, *sorted(nodes)])
+        paths.append([0, *(sorted(nodes) if ordered else nodes)])
         prefixes.append(draw(st.integers(0, 20)))
     max_len = max(p + tree_size for p in prefixes) + draw(st.integers(0, 3))
     return {
@@ -52,9 +56,8 @@ def accepted_tensors(paths: list[list[int]], width: int, device) -> tuple[torch.
     return index.to(device), counts.to(device)
 
 
-@settings(max_examples=250)
-@given(case=compaction_cases())
-def test_matches_reference(device, case):
+def check_against_reference(device, case) -> None:
+    """The compiled op leaves the same cache and prefix_len as the reference."""
     generator = torch.Generator().manual_seed(case["seed"])
     cache = random_cache(case["shape"], case["dtype"], generator).to(device)
     index, counts = accepted_tensors(case["paths"], case["width"], device)
@@ -66,6 +69,18 @@ def test_matches_reference(device, case):
 
     assert torch.equal(cache, expected_cache)
     assert torch.equal(prefix_len, expected_prefix)
+
+
+@settings(max_examples=250)
+@given(case=compaction_cases())
+def test_matches_reference(device, case):
+    check_against_reference(device, case)
+
+
+@settings(max_examples=100)
+@given(case=compaction_cases(ordered=False))
+def test_matches_reference_unordered_paths(device, case):
+    check_against_reference(device, case)
 
 
 def test_hand_computed_overlapping_move(device):
@@ -88,6 +103,25 @@ def test_hand_computed_overlapping_move(device):
     for s, source in enumerate(expected_rows):
         assert torch.equal(cache[:, 0, :, s], original[:, 0, :, source]), f"sequence 0, row {s}"
     assert torch.equal(cache[:, 1], original[:, 1])
+    assert prefix_len.tolist() == [7, 3]
+
+
+def test_hand_computed_unordered_move(device):
+    # Row s of every (plane, sequence, head) holds the value s. Sequence 0: prefix 4,
+    # accepted [0, 3, 1]: row 7 -> 5 and row 5 -> 6, so row 5 must be read before it is
+    # overwritten (an in-order copy would put 7 in row 6). Sequence 1: the ordered [0, 2]
+    # in the same call.
+    planes, batch, heads, max_len, dim = 2, 2, 3, 10, 4
+    rows = torch.arange(max_len, dtype=torch.float32).view(1, 1, 1, max_len, 1)
+    cache = rows.expand(planes, batch, heads, max_len, dim).contiguous().to(device)
+    index, counts = accepted_tensors([[0, 3, 1], [0, 2]], 3, device)
+    prefix_len = torch.tensor([4, 1], dtype=torch.int32, device=device)
+
+    msd_kernels.kv_compact(cache, index, counts, prefix_len, backend="compiled")
+
+    expected = {0: [0, 1, 2, 3, 4, 7, 5, 7, 8, 9], 1: [0, 1, 3, 3, 4, 5, 6, 7, 8, 9]}
+    for b, expected_rows in expected.items():
+        assert cache[:, b, :, :, 0].eq(torch.tensor(expected_rows, dtype=torch.float32, device=device)).all()
     assert prefix_len.tolist() == [7, 3]
 
 

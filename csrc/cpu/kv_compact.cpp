@@ -24,6 +24,7 @@ struct SequenceMove {
   int64_t prefix;
   int64_t count;          // a + 1 (root included)
   const int64_t* source;  // [count] tree indices (accepted_index row)
+  bool forward_safe;      // source strictly increasing: copy in place, no staging
 };
 
 // `values` must be [batch] of `dtype` (one value per sequence).
@@ -47,12 +48,14 @@ std::vector<SequenceMove> plan_moves(const Tensor& accepted_index, const Tensor&
     TORCH_CHECK(prefix >= 0 && prefix + accepted + 1 <= max_len, "kv_compact: prefix_len[", b, "] = ", prefix,
                 " leaves no room for ", accepted + 1, " rows in a cache of ", max_len);
     const int64_t* source = index + b * width;
+    bool increasing = true;
     for (int64_t j = 0; j <= accepted; ++j) {
       TORCH_CHECK(source[j] >= 0 && prefix + source[j] < max_len, "kv_compact: accepted_index[", b, ", ", j,
                   "] = ", source[j], " points outside the cache of ", max_len, " rows (prefix_len ", prefix,
                   ")");
+      increasing = increasing && (j == 0 || source[j] > source[j - 1]);
     }
-    moves[b] = {prefix, accepted + 1, source};
+    moves[b] = {prefix, accepted + 1, source, increasing};
   }
   return moves;
 }
@@ -70,10 +73,19 @@ void prefetch_move(const char* rows, const SequenceMove& move, int64_t row_bytes
   }
 }
 
-// Rows -> rows (one slab, `rows` at its prefix): row source[j] to row j, gathered into
-// `staged` ([count * row_bytes]) before any is written, as source and destination overlap.
-// A row that stays put (source[j] == j, the root always does) is neither read nor written.
+// Rows -> rows (one slab, `rows` at its prefix): row source[j] to row j. A row that stays
+// put (source[j] == j, the root always does) is neither read nor written.
+// With strictly increasing sources (the accepted path of a tree in index order, the usual
+// case), source[k] >= k > j for every k after j, so an in-order copy never overwrites a
+// row still to be read. Otherwise all rows are gathered into `staged`
+// ([count * row_bytes]) before any is written.
 void move_rows(char* rows, const SequenceMove& move, int64_t row_bytes, char* staged) {
+  if (move.forward_safe) {
+    for (int64_t j = 0; j < move.count; ++j) {
+      if (move.source[j] != j) std::memcpy(rows + j * row_bytes, rows + move.source[j] * row_bytes, row_bytes);
+    }
+    return;
+  }
   int64_t staged_rows = 0;
   for (int64_t j = 0; j < move.count; ++j) {
     if (move.source[j] != j) {
