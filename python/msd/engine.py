@@ -145,10 +145,9 @@ class SpeculativeLLaVA:
         rng_state = torch.stack([torch.randint(0, 2**62, ()), torch.zeros((), dtype=torch.long)]).to(
             input_ids.device)
 
-        new_tokens = [int(first[0])]
-        done = self._emit(new_tokens, emitted, eos, max_new, stop_strings, streamer, prompt_len)
+        root = first  # [B] the last emitted token, on the device
+        done = self._emit([int(first[0])], emitted, eos, max_new, stop_strings, streamer, prompt_len)
         while not done:
-            root = torch.tensor([emitted[-1]], device=input_ids.device)
             tree = drafter.build(root, torch.tensor([emitted], device=input_ids.device)
                                  if self.proposal_hook is not None else None)
             verify_hidden = self._verify(tree, target_cache)
@@ -160,14 +159,20 @@ class SpeculativeLLaVA:
                 accepted, num_accepted, bonus = msd_kernels.verify_greedy(
                     logits, tree.tokens, tree.first_child, tree.next_sibling)
             target_cache.compact(accepted, num_accepted)
-            count = int(num_accepted[0]) + 1  # the one host sync of a step: for stopping/streaming
+
+            # The one host sync of a step (stopping, streaming): count, bonus, path tokens.
+            path_tokens = tree.tokens.gather(1, accepted.clamp(min=0))  # [B, T+1], root first
+            host = torch.cat([num_accepted, bonus, path_tokens[0]]).tolist()
+            count = host[0] + 1  # root + accepted nodes
             stats.accepted.append(count - 1)
-            path = accepted[:, :count]  # [1, a + 1] tree rows, root first
-            step_tokens = torch.cat([tree.tokens.gather(1, path[:, 1:]), bonus[:, None]], 1)  # [1, a + 1]
-            done = self._emit(step_tokens[0].tolist(), emitted, eos, max_new, stop_strings, streamer, prompt_len)
+            done = self._emit(host[3:2 + count] + [host[1]], emitted, eos, max_new, stop_strings, streamer,
+                              prompt_len)
             if not done:
+                path = accepted[:, :count]  # [B, a + 1] tree rows, root first
+                step_tokens = torch.cat([path_tokens[:, 1:count], bonus[:, None]], 1)  # [B, a + 1]
                 drafter.commit(step_tokens, verify_hidden.gather(
                     1, path.unsqueeze(-1).expand(-1, -1, verify_hidden.shape[-1])))
+                root = bonus
 
         if streamer is not None:
             streamer.end()
