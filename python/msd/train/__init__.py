@@ -1,0 +1,1 @@
+"""Training of the MSD draft head (MSD_SPEC.md section 4)."""
