@@ -71,8 +71,8 @@ class Shape:
 
 # CLIP ViT-L/14-336: 576 visual tokens. The vocabulary is llava-hf's (32000 Llama ids plus
 # <image> = 32000 and padding to 32064): Hugging Face's LLaVA needs the image id in it.
-_CLIP_L_336 = dict(vision_hidden=1024, vision_heads=16, vision_layers=24, vision_intermediate=4096,
-                   image_size=336, patch=14)
+_CLIP_L_336 = {"vision_hidden": 1024, "vision_heads": 16, "vision_layers": 24, "vision_intermediate": 4096,
+               "image_size": 336, "patch": 14}
 PRESETS = {
     "tiny": Shape(hidden=128, heads=4, layers=2, intermediate=256, vocab=512, image_token=511, vision_hidden=32,
                   vision_heads=2, vision_layers=2, vision_intermediate=64, image_size=16, patch=4),
@@ -87,6 +87,7 @@ TREES = {"default": (10, 5, 60), "small": (4, 3, 12), "chain": (1, 4, 6)}  # (to
 
 # ----------------------------------------------------------------------------- models
 def llava_config(shape: Shape) -> LlavaConfig:
+    """A LLaVA-1.5 config (projector, feature layer and selection as llava-hf's) of ``shape``."""
     text = LlamaConfig(
         vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
@@ -115,7 +116,8 @@ def assistant_shape(target: Shape, layers: int, hidden: int | None) -> Shape:
 
 
 def random_llava(shape: Shape, dtype: torch.dtype, device: str, seed: int) -> LlavaForConditionalGeneration:
-    """Random weights, built directly on ``device`` (a 7B model would not fit twice)."""
+    """Random weights, initialised directly on ``device`` in ``dtype`` (a 7B model never sits
+    in float32 on the host)."""
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(llava_config(shape), dtype=dtype)
@@ -129,10 +131,11 @@ def synthetic_prompts(shape: Shape, count: int, text_tokens: int, dtype: torch.d
                       seed: int) -> list[dict]:
     """``count`` prompts: BOS, text, one image, text (random ids that are not the image id)."""
     gen = torch.Generator().manual_seed(seed)
-    words = lambda n: torch.randint(3, shape.image_token, (n,), generator=gen).tolist()  # noqa: E731
+    words = lambda n: torch.randint(3, shape.image_token, (n,), generator=gen).tolist()
     prompts = []
     for _ in range(count):
-        ids = [1] + words(text_tokens // 2) + [shape.image_token] * shape.image_tokens + words(text_tokens // 2)
+        before, after = words(text_tokens // 2), words(text_tokens - text_tokens // 2)
+        ids = [1] + before + [shape.image_token] * shape.image_tokens + after
         pixels = torch.randn(1, 3, shape.image_size, shape.image_size, generator=gen)
         prompts.append({"input_ids": torch.tensor([ids], device=device),
                         "pixel_values": pixels.to(device=device, dtype=dtype)})
@@ -367,9 +370,9 @@ def markdown(result: dict) -> str:
     lines = [
         f"### e2e {settings['mode']}: {settings['preset']} ({settings['dtype']}) on {machine['device']}",
         "",
-        f"commit {result['commit']}, {result['date']}, torch {machine['torch']}, transformers "
-        f"{machine['transformers']}; {settings['prompts']} prompts x {settings['max_new_tokens']} new tokens, "
-        f"tree top_k={settings['top_k']} depth={settings['depth']} total_tokens={settings['total_tokens']}",
+        (f"commit {result['commit']}, {result['date']}, torch {machine['torch']}, transformers "
+         f"{machine['transformers']}; {settings['prompts']} prompts x {settings['max_new_tokens']} new tokens, "
+         f"tree top_k={settings['top_k']} depth={settings['depth']} total_tokens={settings['total_tokens']}"),
         "",
     ]
     controlled = settings["mode"] == "controlled"
@@ -391,11 +394,11 @@ def markdown(result: dict) -> str:
 
 
 NOTES = [
-    "tau: SpeculativeLLaVA's tokens per verification forward (accepted + bonus, the prefill's token aside); "
-    "for Hugging Face methods, new tokens per target forward.",
+    ("tau: SpeculativeLLaVA's tokens per verification forward (accepted + bonus, the prefill's token aside); "
+     "for Hugging Face methods, new tokens per target forward."),
     "speedup: baseline (greedy target.generate) seconds over the method's, same prompts, same run.",
-    "lossless: the method's tokens equal target.generate's, token for token, on every prompt (a "
-    "SpeculativeLLaVA mismatch also makes the script exit with status 1).",
+    ("lossless: the method's tokens equal target.generate's, token for token, on every prompt (a "
+     "SpeculativeLLaVA mismatch also makes the script exit with status 1)."),
 ]
 CPU_MEMORY_NOTE = ("peak memory is only measured on CUDA (torch.cuda.max_memory_allocated, all resident models "
                    "included); on CPU, process_max_rss_mib is the whole process's lifetime high-water mark.")
@@ -436,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shape = PRESETS[args.preset]
     target = random_llava(shape, dtype, args.device, args.seed)
-    draft = msd.load_draft(args.draft, target=target).to(device) if args.draft else random_draft(target, args.seed)
+    draft = msd.load_draft(args.draft, target=target) if args.draft else random_draft(target, args.seed)
     prompts = synthetic_prompts(shape, args.prompts, args.text_tokens, dtype, args.device, args.seed)
     if args.mode == "compare":
         assistant = (random_llava(assistant_shape(shape, args.assistant_layers, args.assistant_hidden), dtype,
