@@ -15,8 +15,9 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 
-from msd.draft import MSDDraftModel
-from msd.draft_checkpoint import config_from_dict
+# Re-exported for the tests: the draft stand-ins live in the library (the benchmark uses them too).
+from msd.testing import ControlledProposals as OracleProposals  # noqa: F401
+from msd.testing import random_draft  # noqa: F401
 
 VOCAB = 128
 IMAGE_TOKEN = VOCAB - 1  # the last id stands for "image" in prompts
@@ -68,37 +69,3 @@ def image_token_counts(target, pixel_values: torch.Tensor, image_sizes: torch.Te
         features = target.model.get_image_features(pixel_values=pixel_values, **extra)
     features = getattr(features, "pooler_output", features)
     return [f.shape[0] for f in features]
-
-
-def random_draft(target, seed: int = 0) -> MSDDraftModel:
-    """An untrained MSD draft head of the target's width, sharing its embeddings and head."""
-    text = target.config.text_config
-    config = config_from_dict({
-        "hidden_size": text.hidden_size, "intermediate_size": text.intermediate_size,
-        "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
-        "vocab_size": text.vocab_size,
-    })
-    torch.manual_seed(seed)
-    return MSDDraftModel(config, target.get_input_embeddings(), target.get_output_embeddings()).eval()
-
-
-class OracleProposals:
-    """Test seam for the draft: propose the target's own greedy continuation ``reference``
-    (prompt + new tokens), except that with probability ``corruption`` a node's true next
-    token is removed from its proposals; other proposals are random. This makes every
-    acceptance length happen while exercising the whole engine."""
-
-    def __init__(self, reference: list[int], corruption: float, seed: int = 0):
-        self.reference, self.corruption = reference, corruption
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, emitted: torch.Tensor, paths: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        proposals = torch.randn(logits.shape, generator=self.generator)
-        for b in range(paths.shape[0]):
-            for node in range(paths.shape[1]):
-                sequence = emitted[b].tolist() + paths[b, node, 1:].tolist()
-                if len(sequence) >= len(self.reference) or self.reference[: len(sequence)] != sequence:
-                    continue
-                corrupt = torch.rand((), generator=self.generator) < self.corruption
-                proposals[b, node, self.reference[len(sequence)]] = -100.0 if corrupt else 100.0
-        return proposals.to(logits)
