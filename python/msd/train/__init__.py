@@ -1,0 +1,1 @@
+"""Two-stage MSD draft training (MSD_SPEC.md 4)."""
