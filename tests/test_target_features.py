@@ -3,10 +3,9 @@ the training pairing against the engine's, and the feature shards' write / resum
 
 from __future__ import annotations
 
+import msd
 import pytest
 import torch
-
-import msd
 from msd.train.target_features import (
     FeatureShardDataset,
     TargetFeatureExtractor,
@@ -29,7 +28,7 @@ def sample(target, seed: int, with_image: bool) -> dict:
     """One training sample: ``input_ids [L]``, ``loss_mask [L]`` (1 on the last 3 tokens)
     and, with an image, ``pixel_values [1, 3, S, S]``."""
     gen = torch.Generator().manual_seed(seed)
-    words = lambda n: torch.randint(3, IMAGE_TOKEN - 1, (n,), generator=gen).tolist()  # noqa: E731
+    words = lambda n: torch.randint(3, IMAGE_TOKEN - 1, (n,), generator=gen).tolist()
     item: dict = {}
     ids = [1] + words(2 + seed % 3)
     if with_image:
@@ -40,6 +39,13 @@ def sample(target, seed: int, with_image: bool) -> dict:
     item["loss_mask"] = torch.zeros(len(ids), dtype=torch.long)
     item["loss_mask"][-3:] = 1
     return item
+
+
+def fused(draft, inputs: dict) -> torch.Tensor:
+    """The draft's inputs ``[B, N, H]`` for :func:`draft_training_inputs`' output."""
+    with torch.no_grad():
+        return draft.fuse_inputs(inputs["input_ids"], inputs["features"], inputs["visual_embeds"],
+                                 inputs["visual_mask"])
 
 
 def test_extractor_matches_the_target_forward(target):
@@ -112,13 +118,11 @@ def test_training_pairs_like_the_engine(target):
     engine_inputs, engine_positions = seen[0]  # the prefill's commit
     inputs = draft_training_inputs(TargetFeatureExtractor(target)(ids, pixel_values=item["pixel_values"]),
                                    item["loss_mask"][None])
-    with torch.no_grad():
-        fused = draft.fuse_inputs(inputs["input_ids"], inputs["features"], inputs["visual_embeds"],
-                                  inputs["visual_mask"])
+    training_inputs = fused(draft, inputs)
     length = ids.shape[1]
-    assert engine_inputs.shape[1] == length and fused.shape[1] == length - 1
+    assert engine_inputs.shape[1] == length and training_inputs.shape[1] == length - 1
     assert inputs["visual_mask"].any()
-    torch.testing.assert_close(fused, engine_inputs[:, :-1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(training_inputs, engine_inputs[:, :-1], atol=ATOL, rtol=0)
     assert torch.equal(inputs["position_ids"], engine_positions[:, :-1])
 
 
@@ -176,10 +180,7 @@ def test_shard_batches_train_like_online_features(target, tmp_path):
             item["loss_mask"][None])
         n = online["input_ids"].shape[1]
         assert batched["attention_mask"][b].sum() == n
-        with torch.no_grad():
-            fuse = lambda x: draft.fuse_inputs(  # noqa: E731
-                x["input_ids"], x["features"], x["visual_embeds"], x["visual_mask"])
-            torch.testing.assert_close(fuse(batched)[b, :n], fuse(online)[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(fused(draft, batched)[b, :n], fused(draft, online)[0], atol=ATOL, rtol=0)
         for key in ("target", "loss_mask", "position_ids"):
             assert torch.equal(batched[key][b, :n], online[key][0].to(batched[key].dtype))
 
