@@ -23,6 +23,7 @@ from msd.cache import StaticKVCache
 from msd.draft import MSDDraftModel
 from msd.draft_checkpoint import load_draft
 from msd.sampling import check_supported, logits_warpers, sampling_probs
+from msd.train.target_features import capture_inputs_embeds
 from msd.tree_draft import ProposalHook, TreeDrafter
 
 
@@ -218,19 +219,12 @@ class SpeculativeLLaVA:
     def _prefill(self, input_ids, pixel_values, image_sizes, cache):
         """Target forward over the prompt; returns the post-norm hidden states ``[B, L, H]``
         (the draft's features) and the input embeddings with the images spliced in."""
-        captured = {}
-        text_model = self.target.model.language_model
-        hook = text_model.register_forward_pre_hook(
-            lambda module, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
         extra = {"image_sizes": image_sizes} if image_sizes is not None else {}
-        try:
-            with tree_attention_mode(self.target.config.text_config):
-                out = self.target.model(
-                    input_ids=input_ids, pixel_values=pixel_values, past_key_values=cache, use_cache=True,
-                    position_ids=torch.arange(input_ids.shape[1], device=input_ids.device)[None],
-                    msd_prefix_len=cache.prefix_len, msd_tree_mask=None, **extra)
-        finally:
-            hook.remove()
+        with capture_inputs_embeds(self.target) as captured, tree_attention_mode(self.target.config.text_config):
+            out = self.target.model(
+                input_ids=input_ids, pixel_values=pixel_values, past_key_values=cache, use_cache=True,
+                position_ids=torch.arange(input_ids.shape[1], device=input_ids.device)[None],
+                msd_prefix_len=cache.prefix_len, msd_tree_mask=None, **extra)
         cache.advance(input_ids.shape[1])
         return out.last_hidden_state, captured["embeds"]
 

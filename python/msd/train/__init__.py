@@ -1,1 +1,1 @@
-"""Training of the MSD draft head (MSD_SPEC.md section 4)."""
+"""Two-stage MSD draft training (MSD_SPEC.md section 4)."""
