@@ -1,7 +1,8 @@
 """The ``msd`` command line.
 
 ``msd generate`` answers one prompt about zero or more images with ``SpeculativeLLaVA``,
-streaming the answer to stdout and the speed statistics to stderr. Each subcommand is an
+streaming the answer to stdout and the speed statistics to stderr. ``msd features``
+pre-computes the target features of the training data; ``msd train`` trains a draft. Each subcommand is an
 ``add_<name>_command(subcommands)`` function that declares its options and sets ``run``
 (a function of the parsed arguments); register new ones in ``COMMANDS``.
 """
@@ -9,7 +10,10 @@ streaming the answer to stdout and the speed statistics to stderr. Each subcomma
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
 
 from msd.engine import SpeculativeLLaVA
+from msd.train.trainer import TrainConfig, train, write_features
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The LLaVA-1.5 conversation format, for processors that ship no chat template.
@@ -175,8 +180,86 @@ def generation_options(args: argparse.Namespace) -> dict:
     return options
 
 
+# ---------------------------------------------------------------------- msd train / msd features
+def _field_type(annotation) -> type:
+    """``int`` for ``int`` or ``int | None`` (the non-None member of an optional)."""
+    members = [member for member in typing.get_args(annotation) if member is not type(None)]
+    return members[0] if members else annotation
+
+
+def add_train_command(subcommands) -> None:
+    """Declare ``msd train``: one option per :class:`TrainConfig` field, with its help text."""
+    parser = subcommands.add_parser(
+        "train", help="train an MSD draft on a LLaVA target",
+        description="Train an MSD draft head (MSD_SPEC.md 4) on the frozen TARGET: text data, multimodal data "
+                    "mixed by the curriculum r(e), or pre-computed features (msd features). Checkpoints go to "
+                    "OUTPUT_DIR/step-XXXXXX and OUTPUT_DIR/epoch-XX (released draft layout + trainer_state.pt), "
+                    "metrics to OUTPUT_DIR/metrics.csv. Data parallel: torchrun --nproc_per_node N -m msd.train "
+                    "OPTIONS.",
+    )
+    parser.set_defaults(run=run_train)
+    hints = typing.get_type_hints(TrainConfig)
+    for config_field in dataclasses.fields(TrainConfig):
+        kind = _field_type(hints[config_field.name])
+        flag = "--" + config_field.name.replace("_", "-")
+        options = {"help": config_field.metadata["help"], "dest": config_field.name}
+        if config_field.default is dataclasses.MISSING:
+            options["required"] = True
+        else:
+            options["default"] = config_field.default
+            if config_field.default is not None:
+                options["help"] += f" (default: {config_field.default})"
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options |= {"type": kind, "metavar": config_field.name.upper()}
+        parser.add_argument(flag, **options)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    """Train with the options as a :class:`TrainConfig`; prints the final draft folder."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    names = [config_field.name for config_field in dataclasses.fields(TrainConfig)]
+    print(train(TrainConfig(**{name: getattr(args, name) for name in names})))
+
+
+def add_features_command(subcommands) -> None:
+    """Declare ``msd features``."""
+    parser = subcommands.add_parser(
+        "features", help="pre-compute the target features of the training data",
+        description="Run the frozen TARGET over the training data once and store its features in safetensors "
+                    "shards under OUTPUT_DIR/text and OUTPUT_DIR/multimodal, for msd train --features-dir. "
+                    "Skipped records are logged and left out. Rerunning continues after the last complete "
+                    "shard.",
+    )
+    parser.set_defaults(run=run_features)
+    parser.add_argument("--target", required=True, help="target checkpoint folder (LLaVA-1.5 / LLaVA-NeXT)")
+    parser.add_argument("--output-dir", required=True, help="folder for the feature shards")
+    parser.add_argument("--text-data", help="stage-1 ShareGPT JSON (text-only conversations)")
+    parser.add_argument("--multimodal-data", help="stage-2 LLaVA instruction JSON (records with an 'image' path)")
+    parser.add_argument("--image-folder", help="folder the multimodal records' image paths are relative to")
+    parser.add_argument("--processor", help="processor / tokenizer folder (default: the target's)")
+    parser.add_argument("--max-length", type=int_at_least(2), default=2048, metavar="N",
+                        help="longest sample in tokens, image tokens included; longer ones are skipped "
+                             "(default: 2048)")
+    parser.add_argument("--shard-size", type=int_at_least(1), default=256, metavar="N",
+                        help="samples per shard file (default: 256)")
+    parser.add_argument("--device", help="device (default: cuda when available, else cpu)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                        help="run the target in bf16 (default: on for CUDA, off for CPU)")
+
+
+def run_features(args: argparse.Namespace) -> None:
+    """Write the shards; prints the samples stored per stage."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = {name: getattr(args, name) for name in ("text_data", "multimodal_data", "image_folder", "processor",
+                                                        "max_length", "shard_size", "device", "bf16")}
+    for kind, samples in write_features(args.target, args.output_dir, **options).items():
+        print(f"{kind}: {samples} samples")
+
+
 # ---------------------------------------------------------------------- entry point
-COMMANDS = (add_generate_command,)
+COMMANDS = (add_generate_command, add_features_command, add_train_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
