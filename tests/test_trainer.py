@@ -100,7 +100,7 @@ def test_the_draft_learns_a_toy_task(world, tmp_path):
     mean = lambda key, part: sum(float(row[key]) for row in part) / len(part)  # noqa: E731
     first, last = rows[:10], rows[-10:]
     assert mean("accuracy", last) > mean("accuracy", first) + 0.3, (mean("accuracy", first), mean("accuracy", last))
-    assert mean("loss", last) < 0.5 * mean("loss", first)
+    assert mean("loss", last) < 0.75 * mean("loss", first)
     assert all(int(row["multimodal_samples"]) == 0 for row in rows)  # text-only: no curriculum
     target = __import__("transformers").LlavaForConditionalGeneration.from_pretrained(world["target"])
     load_draft(final, target)  # the released layout, loadable against the target
@@ -124,10 +124,10 @@ def test_bad_records_are_skipped_and_counted(world, tmp_path, caplog):
                 {"id": "broken", "image": str(tmp_path / "broken.png"), "conversations": conversation(1, image=True)}]
     data = write_json(tmp_path / "bad.json", records)
     # Batches of one, two per step: some steps mix the unreadable record with a good one,
-    # some may hold only it (no update), none may crash.
+    # some may hold only it (no update), none may crash. (Also runs gradient checkpointing.)
     with caplog.at_level(logging.WARNING, logger="msd.train"):
         final = train(config(world, tmp_path / "out", text_data=None, multimodal_data=data, epochs=1, batch_size=1,
-                             grad_accum=2, samples_per_epoch=20))
+                             grad_accum=2, samples_per_epoch=20, gradient_checkpointing=True))
     assert final.name == "epoch-01"
     assert any("missing image file" in message for message in caplog.messages)
     summary = [m for m in caplog.messages if m.startswith("skipped records in all")]

@@ -181,10 +181,36 @@ def generation_options(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------- msd train / msd features
-def _field_type(annotation) -> type:
-    """``int`` for ``int`` or ``int | None`` (the non-None member of an optional)."""
-    members = [member for member in typing.get_args(annotation) if member is not type(None)]
-    return members[0] if members else annotation
+CONFIG_FIELDS = {config_field.name: config_field for config_field in dataclasses.fields(TrainConfig)}
+# Data and model options msd features shares with msd train.
+FEATURES_OPTIONS = ("target", "text_data", "multimodal_data", "image_folder", "processor", "max_length", "device",
+                    "bf16")
+
+
+def add_config_option(parser: argparse.ArgumentParser, name: str, help: str | None = None) -> None:
+    """``--name-with-dashes`` for the :class:`TrainConfig` field ``name``: its type, default and
+    help text (``help`` replaces the latter); bools get ``--x / --no-x``."""
+    config_field = CONFIG_FIELDS[name]
+    annotation = typing.get_type_hints(TrainConfig)[name]
+    # int for ``int | None``: the non-None member of an optional.
+    kind = next((member for member in typing.get_args(annotation) if member is not type(None)), annotation)
+    options = {"help": help or config_field.metadata["help"], "dest": name}
+    if config_field.default is dataclasses.MISSING:
+        options["required"] = True
+    else:
+        options["default"] = config_field.default
+        if config_field.default is not None and kind is not bool:  # argparse adds bools' default itself
+            options["help"] += f" (default: {config_field.default})"
+    if kind is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    else:
+        options |= {"type": kind, "metavar": name.upper()}
+    parser.add_argument("--" + name.replace("_", "-"), **options)
+
+
+def log_to_stderr() -> None:
+    """Show the training modules' INFO logs (progress notes, skipped records)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def add_train_command(subcommands) -> None:
@@ -198,29 +224,14 @@ def add_train_command(subcommands) -> None:
                     "OPTIONS.",
     )
     parser.set_defaults(run=run_train)
-    hints = typing.get_type_hints(TrainConfig)
-    for config_field in dataclasses.fields(TrainConfig):
-        kind = _field_type(hints[config_field.name])
-        flag = "--" + config_field.name.replace("_", "-")
-        options = {"help": config_field.metadata["help"], "dest": config_field.name}
-        if config_field.default is dataclasses.MISSING:
-            options["required"] = True
-        else:
-            options["default"] = config_field.default
-            if config_field.default is not None:
-                options["help"] += f" (default: {config_field.default})"
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        else:
-            options |= {"type": kind, "metavar": config_field.name.upper()}
-        parser.add_argument(flag, **options)
+    for name in CONFIG_FIELDS:
+        add_config_option(parser, name)
 
 
 def run_train(args: argparse.Namespace) -> None:
     """Train with the options as a :class:`TrainConfig`; prints the final draft folder."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    names = [config_field.name for config_field in dataclasses.fields(TrainConfig)]
-    print(train(TrainConfig(**{name: getattr(args, name) for name in names})))
+    log_to_stderr()
+    print(train(TrainConfig(**{name: getattr(args, name) for name in CONFIG_FIELDS})))
 
 
 def add_features_command(subcommands) -> None:
@@ -233,28 +244,18 @@ def add_features_command(subcommands) -> None:
                     "shard.",
     )
     parser.set_defaults(run=run_features)
-    parser.add_argument("--target", required=True, help="target checkpoint folder (LLaVA-1.5 / LLaVA-NeXT)")
-    parser.add_argument("--output-dir", required=True, help="folder for the feature shards")
-    parser.add_argument("--text-data", help="stage-1 ShareGPT JSON (text-only conversations)")
-    parser.add_argument("--multimodal-data", help="stage-2 LLaVA instruction JSON (records with an 'image' path)")
-    parser.add_argument("--image-folder", help="folder the multimodal records' image paths are relative to")
-    parser.add_argument("--processor", help="processor / tokenizer folder (default: the target's)")
-    parser.add_argument("--max-length", type=int_at_least(2), default=2048, metavar="N",
-                        help="longest sample in tokens, image tokens included; longer ones are skipped "
-                             "(default: 2048)")
+    add_config_option(parser, "output_dir", help="folder for the feature shards")
+    for name in FEATURES_OPTIONS:
+        add_config_option(parser, name)
     parser.add_argument("--shard-size", type=int_at_least(1), default=256, metavar="N",
                         help="samples per shard file (default: 256)")
-    parser.add_argument("--device", help="device (default: cuda when available, else cpu)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction,
-                        help="run the target in bf16 (default: on for CUDA, off for CPU)")
 
 
 def run_features(args: argparse.Namespace) -> None:
     """Write the shards; prints the samples stored per stage."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = {name: getattr(args, name) for name in ("text_data", "multimodal_data", "image_folder", "processor",
-                                                        "max_length", "shard_size", "device", "bf16")}
-    for kind, samples in write_features(args.target, args.output_dir, **options).items():
+    log_to_stderr()
+    options = {name: getattr(args, name) for name in FEATURES_OPTIONS}
+    for kind, samples in write_features(output_dir=args.output_dir, shard_size=args.shard_size, **options).items():
         print(f"{kind}: {samples} samples")
 
 

@@ -393,7 +393,7 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
 
 def _noise_generator(device: torch.device, seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     """The feature-noise stream of one micro-batch: a pure function of its place in the run,
-    so resuming needs no generator state."""
+    so resuming needs no generator state (hashes of int tuples are the same in every process)."""
     return torch.Generator(device).manual_seed(hash((seed, step, micro, rank)) & (2**63 - 1))
 
 
