@@ -10,14 +10,12 @@ import pytest
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tokenizers.processors import TemplateProcessing
-from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import CLIPImageProcessor
 
 from msd.train.data import MultimodalConversationDataset, TextConversationDataset, collate
 from msd.train.template import BadSample, render_llava_v1, tokenize_conversation
+from tiny_models import SPECIAL_TOKENS, tiny_processor, tiny_tokenizer, wrap_tokenizer
 
-SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-WORDS = ["USER", ":", "ASSISTANT", "what", "is", "this", "a", "cat", "and", "dog", "?", ".", "very", "long"]
 IMAGE_TOKENS = 16  # (16 px / 4 px patches) ** 2 + 1 CLS - 1 (strategy "default")
 
 CONVERSATION = [
@@ -36,28 +34,15 @@ EXPECTED = [
 ]
 
 
-def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
-    tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>", additional_special_tokens=["<image>"])
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     """Word-level: one token per word or punctuation mark."""
-    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIAL + WORDS)}, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    return _wrap(word_level)
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def processor(tokenizer):
-    return _processor(tokenizer, CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}))
-
-
-def _processor(tokenizer, image_processor):
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=4,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return tiny_processor(tokenizer)
 
 
 def _ids(tokenizer, tokens):
@@ -120,8 +105,8 @@ def test_loss_mask_with_sentencepiece_style_spaces():
     bpe.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
     bpe.decoder = decoders.Metaspace(prepend_scheme="first")
     corpus = ["USER: what is this? ASSISTANT: a cat.", "and this? a dog.", "a very long cat"] * 20
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=80, special_tokens=SPECIAL))
-    tokenizer = _wrap(bpe)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=80, special_tokens=SPECIAL_TOKENS + ["<image>"]))
+    tokenizer = wrap_tokenizer(bpe)
     input_ids, loss_mask = tokenize_conversation(CONVERSATION, tokenizer)
     assert input_ids.tolist() == tokenizer("USER: what is this? ASSISTANT: a cat.</s>"
                                            "USER: and this? ASSISTANT: a dog.</s>").input_ids
@@ -205,7 +190,7 @@ def test_multimodal_bad_records_are_counted_and_skipped(tmp_path, processor, cap
 
 def test_image_token_count_mismatch_is_skipped(tmp_path, tokenizer, caplog):
     """Without the center crop a wide image gives 32 tokens where the model takes 16."""
-    processor = _processor(tokenizer, CLIPImageProcessor(size={"shortest_edge": 16}, do_center_crop=False,
+    processor = tiny_processor(tokenizer, CLIPImageProcessor(size={"shortest_edge": 16}, do_center_crop=False,
                                                          crop_size={"height": 16, "width": 16}))
     _image(tmp_path / "square.png", size=(20, 20))
     _image(tmp_path / "wide.png", size=(40, 20))

@@ -6,13 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers.processors import TemplateProcessing
 from transformers import (
+    CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
 )
 
 # Re-exported for the tests: the draft stand-ins live in the library (the benchmark uses them too).
@@ -22,6 +27,8 @@ from msd.testing import random_draft  # noqa: F401
 VOCAB = 128
 IMAGE_TOKEN = VOCAB - 1  # the last id stands for "image" in prompts
 IMAGE_SIZE, PATCH = 16, 4  # 16 patches: (16 / 4) ** 2 visual tokens per image
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+WORDS = ["USER", ":", "ASSISTANT", "what", "is", "this", "a", "cat", "and", "dog", "?", ".", "very", "long"]
 
 
 def tiny_llava_config(hidden=64, heads=4, kv_heads=4, layers=2) -> LlavaConfig:
@@ -69,3 +76,32 @@ def image_token_counts(target, pixel_values: torch.Tensor, image_sizes: torch.Te
         features = target.model.get_image_features(pixel_values=pixel_values, **extra)
     features = getattr(features, "pooler_output", features)
     return [f.shape[0] for f in features]
+
+
+def wrap_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """A fast HF tokenizer over ``tokenizer`` that prepends ``<s>`` (id 1), with the special
+    tokens of the tiny models (``<image>`` one of them)."""
+    tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>", additional_special_tokens=["<image>"])
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level over the tiny target's vocabulary: one token per word or punctuation mark,
+    SPECIAL_TOKENS then WORDS first, fillers ``w<id>`` up to ``<image>`` = IMAGE_TOKEN."""
+    names = SPECIAL_TOKENS + WORDS
+    vocab = ({name: i for i, name in enumerate(names)} | {f"w{i}": i for i in range(len(names), IMAGE_TOKEN)}
+             | {"<image>": IMAGE_TOKEN})
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    return wrap_tokenizer(words)
+
+
+def tiny_processor(tokenizer: PreTrainedTokenizerFast | None = None,
+                   image_processor: CLIPImageProcessor | None = None) -> LlavaProcessor:
+    """A LLaVA-1.5 processor for the tiny target: IMAGE_SIZE-pixel square crops (16 image tokens:
+    the vision tower's CLS token is dropped by the "default" strategy)."""
+    image_processor = image_processor or CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer or tiny_tokenizer(),
+                          patch_size=PATCH, vision_feature_select_strategy="default", num_additional_image_tokens=1)

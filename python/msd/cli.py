@@ -1,7 +1,8 @@
 """The ``msd`` command line.
 
 ``msd generate`` answers one prompt about zero or more images with ``SpeculativeLLaVA``,
-streaming the answer to stdout and the speed statistics to stderr. Each subcommand is an
+streaming the answer to stdout and the speed statistics to stderr. ``msd features``
+pre-computes the target features of the training data; ``msd train`` trains a draft. Each subcommand is an
 ``add_<name>_command(subcommands)`` function that declares its options and sets ``run``
 (a function of the parsed arguments); register new ones in ``COMMANDS``.
 """
@@ -9,7 +10,10 @@ streaming the answer to stdout and the speed statistics to stderr. Each subcomma
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
 
 from msd.engine import SpeculativeLLaVA
+from msd.train.trainer import TrainConfig, train, write_features
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The LLaVA-1.5 conversation format, for processors that ship no chat template.
@@ -175,8 +180,87 @@ def generation_options(args: argparse.Namespace) -> dict:
     return options
 
 
+# ---------------------------------------------------------------------- msd train / msd features
+CONFIG_FIELDS = {config_field.name: config_field for config_field in dataclasses.fields(TrainConfig)}
+# Data and model options msd features shares with msd train.
+FEATURES_OPTIONS = ("target", "text_data", "multimodal_data", "image_folder", "processor", "max_length", "device",
+                    "bf16")
+
+
+def add_config_option(parser: argparse.ArgumentParser, name: str, help: str | None = None) -> None:
+    """``--name-with-dashes`` for the :class:`TrainConfig` field ``name``: its type, default and
+    help text (``help`` replaces the latter); bools get ``--x / --no-x``."""
+    config_field = CONFIG_FIELDS[name]
+    annotation = typing.get_type_hints(TrainConfig)[name]
+    # int for ``int | None``: the non-None member of an optional.
+    kind = next((member for member in typing.get_args(annotation) if member is not type(None)), annotation)
+    options = {"help": help or config_field.metadata["help"], "dest": name}
+    if config_field.default is dataclasses.MISSING:
+        options["required"] = True
+    else:
+        options["default"] = config_field.default
+        if config_field.default is not None and kind is not bool:  # argparse adds bools' default itself
+            options["help"] += f" (default: {config_field.default})"
+    if kind is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    else:
+        options |= {"type": kind, "metavar": name.upper()}
+    parser.add_argument("--" + name.replace("_", "-"), **options)
+
+
+def log_to_stderr() -> None:
+    """Show the training modules' INFO logs (progress notes, skipped records)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def add_train_command(subcommands) -> None:
+    """Declare ``msd train``: one option per :class:`TrainConfig` field, with its help text."""
+    parser = subcommands.add_parser(
+        "train", help="train an MSD draft on a LLaVA target",
+        description="Train an MSD draft head (MSD_SPEC.md 4) on the frozen TARGET: text data, multimodal data "
+                    "mixed by the curriculum r(e), or pre-computed features (msd features). Checkpoints go to "
+                    "OUTPUT_DIR/step-XXXXXX and OUTPUT_DIR/epoch-XX (released draft layout + trainer_state.pt), "
+                    "metrics to OUTPUT_DIR/metrics.csv. Data parallel: torchrun --nproc_per_node N -m msd.train "
+                    "OPTIONS.",
+    )
+    parser.set_defaults(run=run_train)
+    for name in CONFIG_FIELDS:
+        add_config_option(parser, name)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    """Train with the options as a :class:`TrainConfig`; prints the final draft folder."""
+    log_to_stderr()
+    print(train(TrainConfig(**{name: getattr(args, name) for name in CONFIG_FIELDS})))
+
+
+def add_features_command(subcommands) -> None:
+    """Declare ``msd features``."""
+    parser = subcommands.add_parser(
+        "features", help="pre-compute the target features of the training data",
+        description="Run the frozen TARGET over the training data once and store its features in safetensors "
+                    "shards under OUTPUT_DIR/text and OUTPUT_DIR/multimodal, for msd train --features-dir. "
+                    "Skipped records are logged and left out. Rerunning continues after the last complete "
+                    "shard.",
+    )
+    parser.set_defaults(run=run_features)
+    add_config_option(parser, "output_dir", help="folder for the feature shards")
+    for name in FEATURES_OPTIONS:
+        add_config_option(parser, name)
+    parser.add_argument("--shard-size", type=int_at_least(1), default=256, metavar="N",
+                        help="samples per shard file (default: 256)")
+
+
+def run_features(args: argparse.Namespace) -> None:
+    """Write the shards; prints the samples stored per stage."""
+    log_to_stderr()
+    options = {name: getattr(args, name) for name in FEATURES_OPTIONS}
+    for kind, samples in write_features(output_dir=args.output_dir, shard_size=args.shard_size, **options).items():
+        print(f"{kind}: {samples} samples")
+
+
 # ---------------------------------------------------------------------- entry point
-COMMANDS = (add_generate_command,)
+COMMANDS = (add_generate_command, add_features_command, add_train_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

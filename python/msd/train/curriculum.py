@@ -40,12 +40,16 @@ class CurriculumSampler(Sampler[int]):
     slots: every rank gets the same number of slots and no slot goes to two ranks. The
     stream depends only on ``(seed, epoch)``.
 
+    ``probability`` replaces ``r(epoch)`` by a fixed value for every epoch: 0 to train on the
+    text data only, 1 on the multimodal data only (a stage without the other kind of data).
+
     Resuming: ``state_dict(consumed)`` records how many indices this rank has trained on in
     the current epoch; after ``load_state_dict`` the next iteration starts right after them.
     """
 
     def __init__(self, text_size: int, multimodal_size: int, epoch: int, total_epochs: int, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0, samples_per_epoch: int | None = None):
+                 num_replicas: int = 1, rank: int = 0, samples_per_epoch: int | None = None,
+                 probability: float | None = None):
         if text_size < 0 or multimodal_size < 0 or text_size + multimodal_size == 0:
             raise ValueError(f"data set sizes must be >= 0 and not both 0, got {text_size}, {multimodal_size}")
         if not 0 <= rank < num_replicas:
@@ -53,6 +57,7 @@ class CurriculumSampler(Sampler[int]):
         self.text_size, self.multimodal_size = text_size, multimodal_size
         self.samples_per_epoch = samples_per_epoch or text_size + multimodal_size
         self.total_epochs, self.seed = total_epochs, seed
+        self.fixed_probability = probability
         self.num_replicas, self.rank = num_replicas, rank
         self.num_samples = math.ceil(self.samples_per_epoch / num_replicas)  # per rank
         self._start = 0
@@ -61,6 +66,8 @@ class CurriculumSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         """Select the curriculum epoch (1-based) of the next iteration, from its start."""
         probability = multimodal_probability(epoch, self.total_epochs)
+        if self.fixed_probability is not None:
+            probability = self.fixed_probability
         if probability > 0 and self.multimodal_size == 0:
             raise ValueError(f"epoch {epoch} draws multimodal samples (r = {probability}) but there are none")
         if probability < 1 and self.text_size == 0:
