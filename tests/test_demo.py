@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from msd.cli import main
-from msd.demo.run import MARKER, DemoRecipe, DraftRecipe, Stage, demo_stages, run_stages
+from msd.cli import build_parser, main
+from msd.demo.run import MARKER, DemoRecipe, DraftRecipe, Stage, demo_stages, run_demo, run_stages
 from msd.demo.target import TargetRecipe
 from msd.demo.tokenizer import build_processor
 from msd.demo.world import (
@@ -205,12 +205,14 @@ def test_stage_cache_skips_complete_stages_and_redoes_the_rest(tmp_path):
     assert calls == ["a", "b", "c"]
 
 
+TINY = DemoRecipe(scenes=8, texts=8, draft=DraftRecipe(epochs=2, batch_size=4, warmup_steps=1, samples_per_epoch=8),
+                  target=TargetRecipe(hidden=32, layers=1, vision_hidden=16, vision_layers=1, epochs=1,
+                                      batch_size=8, warmup_steps=1))
+
+
 def test_demo_stages_build_and_skip_at_tiny_sizes(tmp_path):
-    """World, processor and target (the draft stage needs the trainer and minutes)."""
-    recipe = DemoRecipe(scenes=8, texts=8, target=TargetRecipe(hidden=32, layers=1, vision_hidden=16,
-                                                              vision_layers=1, epochs=1, batch_size=8,
-                                                              warmup_steps=1), draft=DraftRecipe())
-    stages = demo_stages(tmp_path, recipe, device="cpu", progress=False)[:3]
+    """World, processor and target (the draft stage needs the trainer: see the next test)."""
+    stages = demo_stages(tmp_path, TINY, device="cpu", progress=False)[:3]
     assert [stage.name for stage in stages] == ["world", "processor", "target"]
     logs = []
     run_stages(tmp_path, stages, log=logs.append)
@@ -219,8 +221,23 @@ def test_demo_stages_build_and_skip_at_tiny_sizes(tmp_path):
     before = [(tmp_path / name / MARKER).stat().st_mtime_ns for name in ("world", "processor", "target")]
     logs.clear()
     run_stages(tmp_path, stages, log=logs.append)
-    assert logs == [] and before == [(tmp_path / name / MARKER).stat().st_mtime_ns
-                                     for name in ("world", "processor", "target")]
+    assert logs == ["[world] cached", "[processor] cached", "[target] cached"]
+    assert before == [(tmp_path / name / MARKER).stat().st_mtime_ns for name in ("world", "processor", "target")]
+
+
+def test_demo_end_to_end_at_tiny_sizes(tmp_path, monkeypatch, capsys):
+    """Every stage, then the show: MSD's answer is the target's own, and a second run is all cached."""
+    pytest.importorskip("msd.train.trainer")
+    monkeypatch.setenv("MSD_DEMO_DIR", str(tmp_path))
+    args = build_parser().parse_args(["demo", "--device", "cpu", "--max-new-tokens", "12", "--seed", "2"])
+    run_demo(args, TINY)
+    first = capsys.readouterr().out
+    assert "[draft] built in" in first and (tmp_path / "held-out" / "scene-seed-2.png").is_file()
+    assert re.search(r"\nMSD: +tau \d+\.\d\d ", first), first
+    assert re.search(r"\nspeedup: +\d+\.\d\dx \| outputs identical: yes", first), first
+    run_demo(args, TINY)
+    second = capsys.readouterr().out
+    assert "built" not in second and "[draft] cached" in second and "outputs identical: yes" in second
 
 
 # ---------------------------------------------------------------------- command line

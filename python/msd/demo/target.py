@@ -33,7 +33,7 @@ class TargetRecipe:
     heads: int = 4
     vision_hidden: int = 64
     vision_layers: int = 2
-    epochs: int = 3
+    epochs: int = 4
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50
