@@ -136,8 +136,7 @@ def demo_stages(root: Path, recipe: DemoRecipe, device: torch.device, progress: 
         final = train(TrainConfig(
             target=str(root / "target"), output_dir=str(folder), text_data=str(world / TEXT_JSON),
             multimodal_data=str(world / WORLD_JSON), image_folder=str(world / IMAGE_FOLDER), epochs=draft.epochs,
-            batch_size=draft.batch_size, lr=draft.lr, warmup_steps=draft.warmup_steps,
-            max_length=MAX_LENGTH,
+            batch_size=draft.batch_size, lr=draft.lr, warmup_steps=draft.warmup_steps, max_length=MAX_LENGTH,
             samples_per_epoch=draft.samples_per_epoch, seed=recipe.seed, device=str(device), progress=progress))
         return {"draft": str(Path(final).resolve().relative_to(root.resolve()))}
 
