@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 SOURCES := setup.py pyproject.toml $(shell find csrc msd_kernels -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name '_sources.py' \) 2>/dev/null)
 
-.PHONY: setup test bench cuda-check wheel-check lint clean
+.PHONY: setup test bench demo cuda-check wheel-check lint clean
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: setup
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-only --benchmark-columns=min,median,mean,rounds $(PYTEST_ARGS)
+
+# The embedded demo: the first run trains its models (minutes) and caches them; later runs
+# start in seconds. DEMO_ARGS passes options, e.g. DEMO_ARGS="--seed 3 --question 'What is on the left?'".
+demo: setup
+	$(VENV)/bin/msd demo $(DEMO_ARGS)
 
 cuda-check: setup
 	PYTHON=$(PY) bash tools/cuda_check.sh

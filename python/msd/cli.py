@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
 
+from msd.demo.world import DEFAULT_QUESTION
 from msd.engine import SpeculativeLLaVA
 from msd.train.trainer import TrainConfig, train, write_features
 
@@ -260,7 +261,39 @@ def run_features(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------- entry point
-COMMANDS = (add_generate_command, add_features_command, add_train_command)
+# ---------------------------------------------------------------------- msd demo
+def add_demo_command(subcommands) -> None:
+    """Declare ``msd demo``."""
+    parser = subcommands.add_parser(
+        "demo", help="train a tiny LLaVA and its MSD draft on a generated world, then show MSD at work",
+        description="The first run builds a small image-language world, trains a tokenizer, a tiny LLaVA "
+                    "target and its MSD draft on it (minutes on a CPU) and caches them in $MSD_DEMO_DIR "
+                    "(default ~/.cache/msd/demo/<version>). Then a scene the models never saw is answered "
+                    "by MSD (streamed) and by the target alone: tau, both speeds and whether the two "
+                    "answers are identical are printed.",
+    )
+    parser.set_defaults(run=run_demo)
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device to train and run on (default: cuda when available, else cpu)")
+    parser.add_argument("--rebuild", action="store_true", help="build and train everything again")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="which held-out scene to show (default: 0)")
+    parser.add_argument("--question", default=DEFAULT_QUESTION, metavar="TEXT",
+                        help="the question about the scene (default: 'Describe the image.'; also e.g. "
+                             "'How many circles are there?', 'What is on the left?', 'Where is the red star?')")
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=96, metavar="N",
+                        help="most tokens to generate (default: 96)")
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    """Run ``msd demo`` (:mod:`msd.demo.run`, imported here since it imports this module)."""
+    from msd.demo.run import run_demo as demo
+
+    demo(args)
+
+
+# ---------------------------------------------------------------------- entry point
+COMMANDS = (add_generate_command, add_features_command, add_train_command, add_demo_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,111 @@
+"""The demo target: a tiny LLaVA-1.5 trained from scratch on the world.
+
+Text model: a small Llama; vision tower: a small CLIP over the processor's 48-pixel input
+(3 x 3 patches of 16 pixels, one per grid cell of a scene), both trained together with the
+projector as one language model: cross-entropy on the answer tokens of the ``llava_v1``
+prompts (the loss masks of :mod:`msd.train.data`), over the text and the image conversations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from msd.demo.tokenizer import VISION_IMAGE_SIZE, VISION_PATCH
+from msd.demo.world import IMAGE_FOLDER, TEXT_JSON, WORLD_JSON
+from msd.train.data import MultimodalConversationDataset, TextConversationDataset, collate
+from msd.train.optim import make_schedule
+
+MAX_LENGTH = 256  # tokens per sample; the world's longest conversations take about 170
+
+
+@dataclass
+class TargetRecipe:
+    """Size of the target and how long it trains."""
+
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 50
+
+
+def make_target(recipe: TargetRecipe, processor) -> LlavaForConditionalGeneration:
+    """A randomly initialised LLaVA-1.5-style target sized by ``recipe`` for ``processor``."""
+    tokenizer = processor.tokenizer
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=recipe.hidden, intermediate_size=3 * recipe.hidden,
+        num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
+        max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=recipe.vision_hidden, intermediate_size=4 * recipe.vision_hidden,
+        num_hidden_layers=recipe.vision_layers, num_attention_heads=4, image_size=VISION_IMAGE_SIZE,
+        patch_size=VISION_PATCH, projection_dim=recipe.vision_hidden,
+    )
+    config = LlavaConfig(
+        text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids(
+            processor.image_token), image_seq_length=(VISION_IMAGE_SIZE // VISION_PATCH) ** 2,
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id)
+    return model
+
+
+def load_samples(world: Path, processor) -> list[dict]:
+    """Every conversation of the world (text and image) as a training item, tokenized once."""
+    datasets = [TextConversationDataset(world / TEXT_JSON, processor.tokenizer, MAX_LENGTH),
+                MultimodalConversationDataset(world / WORLD_JSON, world / IMAGE_FOLDER, processor, MAX_LENGTH)]
+    items = [dataset[i] for dataset in datasets for i in range(len(dataset))]
+    return [item for item in items if item is not None]
+
+
+def train_target(world: Path, processor, folder: Path, recipe: TargetRecipe, seed: int = 0,
+                 device: torch.device | str = "cpu", progress: bool = True) -> LlavaForConditionalGeneration:
+    """Train a target on ``world`` with AdamW (linear warm-up and decay) and save it and
+    ``processor`` to ``folder``."""
+    torch.manual_seed(seed)
+    samples = load_samples(world, processor)
+    model = make_target(recipe, processor).to(device).train()
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(samples, batch_size=recipe.batch_size, shuffle=True, generator=generator,
+                        collate_fn=lambda items: collate(items, processor.tokenizer.pad_token_id))
+    total = recipe.epochs * len(loader)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    schedule = make_schedule(optimizer, total_steps=total, warmup_steps=min(recipe.warmup_steps, total))
+    bar = tqdm(total=total, desc="target: training", disable=not progress, unit="step")
+    for _ in range(recipe.epochs):
+        for batch in loader:
+            loss = language_model_loss(model, batch, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model
+
+
+def language_model_loss(model: LlavaForConditionalGeneration, batch: dict, device) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens (``loss_mask``) of a :func:`collate` batch."""
+    labels = batch["input_ids"].masked_fill(~batch["loss_mask"], -100)
+    extra = {"pixel_values": batch["pixel_values"].to(device)} if "pixel_values" in batch else {}
+    return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                 labels=labels.to(device), **extra).loss
+
