@@ -18,6 +18,7 @@ from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizer
 
 from msd.cli import encode_prompt, main
 from msd.draft_checkpoint import save_draft
+
 from tiny_models import IMAGE_SIZE, IMAGE_TOKEN, PATCH, random_draft, tiny_llava
 
 ROOT = Path(__file__).resolve().parent.parent

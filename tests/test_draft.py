@@ -11,6 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from msd.draft import MSDDraftModel
 from msd.draft_checkpoint import LAYER_KEYS, config_from_dict, load_draft, save_draft
+
 from tiny_models import tiny_llava
 
 HIDDEN, VOCAB = 64, 128

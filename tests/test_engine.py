@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 import msd
 from msd.draft_checkpoint import save_draft
+
 from tiny_models import (
     IMAGE_SIZE,
     IMAGE_TOKEN,

@@ -3,9 +3,10 @@ the training pairing against the engine's, and the feature shards' write / resum
 
 from __future__ import annotations
 
-import msd
 import pytest
 import torch
+
+import msd
 from msd.train.target_features import (
     FeatureShardDataset,
     TargetFeatureExtractor,
@@ -14,6 +15,7 @@ from msd.train.target_features import (
     draft_training_inputs,
     write_feature_shards,
 )
+
 from tiny_models import IMAGE_SIZE, IMAGE_TOKEN, image_token_counts, random_draft, tiny_llava
 
 ATOL = 1e-5

@@ -14,6 +14,7 @@ from transformers import CLIPImageProcessor
 
 from msd.train.data import MultimodalConversationDataset, TextConversationDataset, collate
 from msd.train.template import BadSample, render_llava_v1, tokenize_conversation
+
 from tiny_models import SPECIAL_TOKENS, tiny_processor, tiny_tokenizer, wrap_tokenizer
 
 IMAGE_TOKENS = 16  # (16 px / 4 px patches) ** 2 + 1 CLS - 1 (strategy "default")

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from msd.train.curriculum import CurriculumSampler, multimodal_probability
 from msd.train.losses import feature_noise, msd_loss, top1_accuracy
 from msd.train.optim import GRAD_CLIP, make_optimizer, make_schedule

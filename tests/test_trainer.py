@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from transformers import LlavaForConditionalGeneration
+
 from msd.cli import main
 from msd.draft_checkpoint import load_draft, read_state_dict
 from msd.train.curriculum import multimodal_probability
 from msd.train.trainer import METRICS_FILE, TrainConfig, last_checkpoint, train
-from PIL import Image
+
 from tiny_models import tiny_llava, tiny_processor
-from transformers import LlavaForConditionalGeneration
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = ["what is this ?", "and this ?", "what is a dog ?", "is this a cat ?"]
@@ -107,7 +109,8 @@ def test_the_draft_learns_a_toy_task(world, tmp_path):
     assert mean("accuracy", last) > mean("accuracy", first) + 0.3, (mean("accuracy", first), mean("accuracy", last))
     assert mean("loss", last) < 0.75 * mean("loss", first)
     assert all(int(row["multimodal_samples"]) == 0 for row in rows)  # text-only: no curriculum
-    load_draft(final, LlavaForConditionalGeneration.from_pretrained(world["target"]))  # the released layout, loadable against the target
+    # the released layout, loadable against the target
+    load_draft(final, LlavaForConditionalGeneration.from_pretrained(world["target"]))
 
 
 def test_curriculum_share_follows_r(world, tmp_path):
