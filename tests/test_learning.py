@@ -3,7 +3,7 @@ the real engine is clearly above an untrained draft's, and whose top-1 accuracy 
 
 The demo's own builders at reduced sizes: a small world, the demo tokenizer, a small target
 trained briefly, then the draft with :func:`msd.train.trainer.train` (two-stage curriculum).
-Takes about a minute and a half on two CPU cores.
+Takes about 20 s on two CPU cores (measured: untrained tau 1.11, trained 3.18; accuracy 0.17 -> 0.62).
 """
 
 from __future__ import annotations
