@@ -101,6 +101,31 @@ def test_fuse_inputs_decouples_visual_positions():
     assert not torch.allclose(moved[~mask], fused[~mask])
 
 
+def test_fused_variant_fuses_visual_positions_like_text():
+    """The ablation's coupled draft: the visual embedding takes E's place in the fc input."""
+    torch.manual_seed(0)
+    draft = MSDDraftModel(config_from_dict(RELEASED_CONFIG), decouple_visual=False)
+    ids = torch.randint(0, VOCAB, (1, 6))
+    features, visual = torch.randn(1, 6, HIDDEN), torch.randn(1, 6, HIDDEN)
+    mask = torch.tensor([[True, True, False, False, True, False]])
+    fused = draft.fuse_inputs(ids, features, visual, mask)
+    expected = torch.where(mask[..., None], visual, draft.embed_tokens(ids))
+    expected = expected @ draft.fc.weight[:, :HIDDEN].T + features @ draft.fc.weight[:, HIDDEN:].T + draft.fc.bias
+    torch.testing.assert_close(fused, expected)
+    # the default (decoupled) draft with the same weights differs only at visual positions
+    draft.decouple_visual = True
+    decoupled = draft.fuse_inputs(ids, features, visual, mask)
+    assert torch.equal(decoupled[~mask], fused[~mask]) and not torch.allclose(decoupled[mask], fused[mask])
+
+
+@pytest.mark.parametrize("decouple_visual", [True, False])
+def test_decouple_visual_survives_a_checkpoint(tmp_path, target, decouple_visual):
+    draft = MSDDraftModel(config_from_dict(RELEASED_CONFIG), decouple_visual=decouple_visual)
+    saved = json.loads((save_draft(draft, tmp_path) / "config.json").read_text())
+    assert saved.get("decouple_visual", "absent") == ("absent" if decouple_visual else False)
+    assert load_draft(tmp_path, target=target).decouple_visual is decouple_visual
+
+
 def test_released_layout_loads_and_runs(tmp_path, target):
     state = released_state()
     state["layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # older checkpoints carry it

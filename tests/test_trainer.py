@@ -194,3 +194,10 @@ def test_features_then_train_equals_online_training(world, tmp_path, capsys):
     offline, online = weights(tmp_path / "offline" / "epoch-02"), weights(tmp_path / "online" / "epoch-02")
     for key in online:
         torch.testing.assert_close(offline[key], online[key], atol=1e-5, rtol=0)
+
+
+def test_fused_ablation_draft_trains_and_keeps_its_flag(world, tmp_path):
+    final = train(config(world, tmp_path / "fused", decouple_visual=False, max_steps=1))
+    assert load_draft(final).decouple_visual is False
+    with pytest.raises(ValueError, match="decouple_visual"):
+        train(config(world, tmp_path / "mixed", init_draft=str(final), max_steps=1))

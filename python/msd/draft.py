@@ -56,6 +56,9 @@ class MSDDraftModel(nn.Module):
         config: a one-layer ``LlamaConfig`` with the target text model's width.
         embed_tokens: the token embedding to use (default: a new frozen one, to be loaded).
         lm_head: the target's output head (needed for :meth:`compute_logits`).
+        decouple_visual: MSD's decoupled inputs (the default). False gives the coupled,
+            plain-EAGLE input of the ablation (``benchmarks/ablation.py``): visual positions
+            get ``fc(concat(visual embedding, target feature))`` like text positions.
     """
 
     def __init__(
@@ -63,11 +66,13 @@ class MSDDraftModel(nn.Module):
         config: LlamaConfig,
         embed_tokens: nn.Embedding | None = None,
         lm_head: nn.Linear | None = None,
+        decouple_visual: bool = True,
     ):
         super().__init__()
         if config.num_hidden_layers != 1:
             raise ValueError(f"config.num_hidden_layers must be 1 for an MSD draft, got {config.num_hidden_layers}")
         self.config = config
+        self.decouple_visual = decouple_visual
         hidden = config.hidden_size
         self.embed_tokens = embed_tokens or nn.Embedding(config.vocab_size, hidden)
         self.embed_tokens.weight.requires_grad_(False)
@@ -102,14 +107,21 @@ class MSDDraftModel(nn.Module):
 
         Returns:
             ``[B, N, H]``: ``fc(concat(E(x_{j+1}), f_j))`` at text positions, the raw
-            visual embedding at visual positions.
+            visual embedding at visual positions (with ``decouple_visual=False``:
+            ``fc(concat(visual embedding, f_j))`` there, the target's input embedding
+            taking the place of ``E``, as EAGLE run on a LLaVA target does).
         """
-        fused = self.fc(torch.cat([self.embed_tokens(input_ids).to(features.dtype), features], dim=-1))
-        if visual_mask is None:
+        embeds = self.embed_tokens(input_ids).to(features.dtype)
+        if visual_mask is not None:
+            if visual_embeds is None:
+                raise ValueError("visual_embeds is required when visual_mask is given")
+            visual_mask = visual_mask.unsqueeze(-1)
+            if not self.decouple_visual:
+                embeds = torch.where(visual_mask, visual_embeds.to(embeds.dtype), embeds)
+        fused = self.fc(torch.cat([embeds, features], dim=-1))
+        if visual_mask is None or not self.decouple_visual:
             return fused
-        if visual_embeds is None:
-            raise ValueError("visual_embeds is required when visual_mask is given")
-        return torch.where(visual_mask.unsqueeze(-1), visual_embeds.to(fused.dtype), fused)
+        return torch.where(visual_mask, visual_embeds.to(fused.dtype), fused)
 
     def forward(
         self,

@@ -37,6 +37,8 @@ REQUIRED_KEYS = frozenset({"fc.weight", "fc.bias", *LAYER_KEYS})
 OPTIONAL_KEY = "embed_tokens.weight"
 # Buffers some older checkpoints carry; recomputed from the config, so safe to drop.
 DERIVED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+# config.json flag of a coupled (non-MSD, ablation) draft; absent means decoupled.
+DECOUPLE_VISUAL = "decouple_visual"
 
 
 def config_from_dict(raw: dict) -> LlamaConfig:
@@ -129,7 +131,8 @@ def load_draft(
     weights' dtype on the CPU. Width or vocabulary different from the target's is an error.
     """
     folder = resolve_checkpoint(path_or_id)
-    config = config_from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+    raw = json.loads((folder / CONFIG_FILE).read_text())
+    config = config_from_dict(raw)
     state = check_keys(read_state_dict(folder))
 
     embed_tokens = lm_head = None
@@ -153,7 +156,8 @@ def load_draft(
         # A private copy, so that moving the draft never converts the target's module.
         embed_tokens = torch.nn.Embedding.from_pretrained(embed_tokens.weight.detach().clone(), freeze=True)
 
-    draft = MSDDraftModel(config, embed_tokens=embed_tokens, lm_head=lm_head)
+    draft = MSDDraftModel(config, embed_tokens=embed_tokens, lm_head=lm_head,
+                          decouple_visual=raw.get(DECOUPLE_VISUAL, True))
     own = draft.state_dict()
     for key, value in state.items():
         if own[key].shape != value.shape:
@@ -169,5 +173,8 @@ def save_draft(draft: MSDDraftModel, folder: str | Path) -> Path:
     state = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()
              if k in REQUIRED_KEYS or k == OPTIONAL_KEY}
     save_file(state, str(folder / SAFETENSORS_FILE), metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(config_to_dict(draft.config), indent=2) + "\n")
+    config = config_to_dict(draft.config)
+    if not draft.decouple_visual:  # only ablation drafts say so: released configs stay as they are
+        config[DECOUPLE_VISUAL] = False
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return folder

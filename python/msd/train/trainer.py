@@ -117,6 +117,8 @@ class TrainConfig:
     grad_clip: float = _option(0.5, "max global gradient norm")
     save_every: int = _option(0, "write a step-XXXXXX checkpoint every this many steps (0: only at epoch ends)")
     log_every: int = _option(10, "steps between progress-bar / log updates (metrics.csv gets every step)")
+    decouple_visual: bool = _option(True, "MSD's decoupled draft inputs (visual positions take the raw visual "
+                                          "embedding); --no-decouple-visual fuses them like text (ablation)")
     seed: int = _option(0, "seed of the fresh draft, the curriculum stream and the feature noise")
     device: str | None = _option(None, "device (default: cuda when available, else cpu; "
                                        "under torchrun each rank takes cuda:LOCAL_RANK)")
@@ -331,13 +333,13 @@ class DraftTrainingForward(nn.Module):
         return self.draft(*args)
 
 
-def _fresh_draft(target, seed: int) -> MSDDraftModel:
+def _fresh_draft(target, seed: int, decouple_visual: bool) -> MSDDraftModel:
     """A new float32 draft of the target's width: random fc/layer (seeded), a frozen float32
     copy of the target's embeddings (never the target's own module, which stays untouched)."""
     config = config_from_dict(config_to_dict(target.config.text_config))
     weight = target.get_input_embeddings().weight.detach().to(torch.float32).clone()
     torch.manual_seed(seed)
-    return MSDDraftModel(config, nn.Embedding.from_pretrained(weight, freeze=True))
+    return MSDDraftModel(config, nn.Embedding.from_pretrained(weight, freeze=True), decouple_visual=decouple_visual)
 
 
 def _wrap(module: DraftTrainingForward, config: TrainConfig, ranks: _Ranks) -> nn.Module:
@@ -489,8 +491,11 @@ class _Run:
 
         if config.init_draft:
             draft = load_draft(config.init_draft, target, dtype=torch.float32, device="cpu")
+            if draft.decouple_visual != config.decouple_visual:
+                raise ValueError(f"init_draft {config.init_draft} has decouple_visual={draft.decouple_visual}, "
+                                 f"this run asks for {config.decouple_visual}")
         else:
-            draft = _fresh_draft(target, config.seed)
+            draft = _fresh_draft(target, config.seed, config.decouple_visual)
         draft.set_lm_head(lm_head)
         self.draft = draft.to(device).train()
         self.draft_forward = DraftTrainingForward(self.draft, config.gradient_checkpointing)
