@@ -152,7 +152,9 @@ def load_draft(
 
     if OPTIONAL_KEY in state:
         embed_tokens = None  # the checkpoint's own frozen copy wins
-    elif embed_tokens.weight.dtype != dtype or (device is not None and embed_tokens.weight.device != torch.device(device)):
+    elif embed_tokens.weight.dtype != dtype or (
+        device is not None and embed_tokens.weight.device != torch.device(device)
+    ):
         # A private copy, so that moving the draft never converts the target's module.
         embed_tokens = torch.nn.Embedding.from_pretrained(embed_tokens.weight.detach().clone(), freeze=True)
 
@@ -161,7 +163,9 @@ def load_draft(
     own = draft.state_dict()
     for key, value in state.items():
         if own[key].shape != value.shape:
-            raise ValueError(f"draft checkpoint: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+            raise ValueError(
+                f"draft checkpoint: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
+            )
     draft.load_state_dict(state, strict=False)
     return draft.to(dtype=dtype, device=device).eval()
 
