@@ -124,10 +124,9 @@ class SpeculativeLLaVA:
         if max_new < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
         eos = _token_set(config.eos_token_id)
-        stop_strings = (StopStringCriteria(tokenizer, config.stop_strings)
-                        if config.stop_strings else None)
         if config.stop_strings and tokenizer is None:
             raise ValueError("stop_strings needs tokenizer= (as in target.generate)")
+        stop_strings = StopStringCriteria(tokenizer, config.stop_strings) if config.stop_strings else None
         warpers = logits_warpers(config)
 
         target_cache, drafter = self._new_state(input_ids, max_new)
@@ -138,11 +137,7 @@ class SpeculativeLLaVA:
 
         hidden, embeds = self._prefill(input_ids, pixel_values, image_sizes, target_cache)
         first = self._choose(config.do_sample, warpers, self.target.lm_head(hidden[:, -1:]))[:, 0]  # [B]
-        image_token = self.target.config.image_token_id
-        visual = input_ids[:, 1:] == image_token
-        no = torch.zeros_like(visual[:, :1])
-        drafter.commit(torch.cat([input_ids[:, 1:], first[:, None]], 1), hidden,
-                       torch.cat([embeds[:, 1:], torch.zeros_like(embeds[:, :1])], 1), torch.cat([visual, no], 1))
+        drafter.commit_prompt(input_ids, first, hidden, embeds, self.target.config.image_token_id)
         rng_state = torch.stack([torch.randint(0, 2**62, ()), torch.zeros((), dtype=torch.long)]).to(
             input_ids.device)
 

@@ -61,6 +61,18 @@ class TreeDrafter:
         self.cache.advance(input_ids.shape[1])
         self.root_hidden = hidden[:, -1:]
 
+    def commit_prompt(self, input_ids: torch.Tensor, first_token: torch.Tensor, hidden: torch.Tensor,
+                      embeds: torch.Tensor, image_token_id: int) -> None:
+        """The prompt's pairs after the target's prefill: position j pairs feature ``f_j``
+        (``hidden`` ``[B, L, H]``) with the next input ``x_{j+1}``, the last one with the
+        first generated token ``[B]``. Visual positions take the raw visual embedding
+        (``embeds``: the target's input embeddings, images spliced in)."""
+        next_ids = torch.cat([input_ids[:, 1:], first_token[:, None]], 1)
+        no_image = torch.zeros_like(input_ids[:, :1], dtype=torch.bool)
+        visual_mask = torch.cat([input_ids[:, 1:] == image_token_id, no_image], 1)
+        visual_embeds = torch.cat([embeds[:, 1:], torch.zeros_like(embeds[:, :1])], 1)
+        self.commit(next_ids, hidden, visual_embeds, visual_mask)
+
     def build(self, root_token: torch.Tensor, emitted: torch.Tensor | None = None) -> DraftTree:
         """Draft a tree under ``root_token`` ``[B]`` (the last emitted token)."""
         batch, k = root_token.shape[0], self.top_k
