@@ -12,15 +12,17 @@ wheel=$(ls "$work"/dist/msd-*.whl)
 "$PY" - "$wheel" <<'PYEOF'
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
-assert "msd_kernels/_csrc/ops.cpp" in names, "wheel lacks msd_kernels/_csrc/ops.cpp"
+for required in ("msd_kernels/_csrc/ops.cpp", "msd/engine.py", "msd/train/trainer.py", "msd/demo/run.py"):
+    assert required in names, f"wheel lacks {required}"
 assert not any(n.endswith(".so") for n in names), "an isolated build must not ship a compiled library"
 print(f"wheel-check: {len(names)} files, sources included, no prebuilt library")
 PYEOF
 "$PY" -m pip install -q --no-deps --target "$work/site" "$wheel"
 cd "$work"
 PYTHONPATH="$work/site" MSD_KERNELS_CACHE_DIR="$work/cache" "$PY" - <<'PYEOF'
-import os, torch, msd_kernels
-assert msd_kernels.__file__.startswith(os.environ["PYTHONPATH"]), msd_kernels.__file__
+import os, torch, msd, msd_kernels, msd.train.trainer, msd.demo.run
+for module in (msd, msd_kernels, msd.train.trainer, msd.demo.run):
+    assert module.__file__.startswith(os.environ["PYTHONPATH"]), module.__file__
 where = msd_kernels.load_library()
 assert where.startswith(os.environ["MSD_KERNELS_CACHE_DIR"]), where
 logits = torch.randn(2, 7, 50)
