@@ -260,7 +260,6 @@ def run_features(args: argparse.Namespace) -> None:
         print(f"{kind}: {samples} samples")
 
 
-# ---------------------------------------------------------------------- entry point
 # ---------------------------------------------------------------------- msd demo
 def add_demo_command(subcommands) -> None:
     """Declare ``msd demo``."""

@@ -24,7 +24,7 @@ from msd.draft import MSDDraftModel
 from msd.draft_checkpoint import load_draft
 from msd.sampling import check_supported, logits_warpers, sampling_probs
 from msd.train.target_features import capture_inputs_embeds
-from msd.tree_draft import ProposalHook, TreeDrafter
+from msd.tree_draft import ProposalHook, TreeDrafter, gather_rows
 
 
 @dataclass
@@ -166,8 +166,7 @@ class SpeculativeLLaVA:
             if not done:
                 path = accepted[:, :count]  # [B, a + 1] tree rows, root first
                 step_tokens = torch.cat([path_tokens[:, 1:count], bonus[:, None]], 1)  # [B, a + 1]
-                drafter.commit(step_tokens, verify_hidden.gather(
-                    1, path.unsqueeze(-1).expand(-1, -1, verify_hidden.shape[-1])))
+                drafter.commit(step_tokens, gather_rows(verify_hidden, path))
                 root = bonus
 
         if streamer is not None:

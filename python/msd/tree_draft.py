@@ -23,6 +23,12 @@ from msd.draft import MSDDraftModel
 ProposalHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def gather_rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``values[b, rows[b, i]]`` for every ``i``: ``[B, N, ...]`` and ``[B, n]`` -> ``[B, n, ...]``."""
+    index = rows.reshape(*rows.shape, *([1] * (values.dim() - 2))).expand(*rows.shape, *values.shape[2:])
+    return values.gather(1, index)
+
+
 @dataclass
 class DraftTree:
     """A tree to verify: all ``[B, T+1]`` int64 except ``mask`` ``[B, T+1, W]``."""
@@ -94,14 +100,12 @@ class TreeDrafter:
         for step in range(self.depth):
             tokens, scores, pool_index = frontier
             if self.proposal_hook is not None:
-                paths = torch.cat([paths.gather(1, parent_rows.unsqueeze(-1).expand(-1, -1, paths.shape[2])),
-                                   tokens.unsqueeze(-1)], dim=2)
+                paths = torch.cat([gather_rows(paths, parent_rows), tokens.unsqueeze(-1)], dim=2)
             # Each node: its parent's ancestors plus its own row.
             own_rows = draft_len[:, None] + step * k + torch.arange(k, device=device)  # [B, k]
-            ancestors = ancestors.gather(1, parent_rows.unsqueeze(-1).expand(-1, -1, ancestors.shape[2]))
+            ancestors = gather_rows(ancestors, parent_rows)
             ancestors = ancestors | (cols == own_rows.unsqueeze(-1))
-            hidden_of_parent = parent_hidden.gather(
-                1, parent_rows.unsqueeze(-1).expand(-1, -1, parent_hidden.shape[2]))
+            hidden_of_parent = gather_rows(parent_hidden, parent_rows)
             inputs = self.draft.fuse_inputs(tokens, hidden_of_parent)
             self.cache.write_offset = step * k
             hidden = self._forward(inputs, draft_len[:, None] + step + torch.zeros_like(tokens),
