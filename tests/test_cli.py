@@ -14,11 +14,12 @@ import pytest
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
 from msd.cli import encode_prompt, main
 from msd.draft_checkpoint import save_draft
 
+import tiny_models
 from tiny_models import IMAGE_SIZE, IMAGE_TOKEN, PATCH, random_draft, tiny_llava
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,9 +35,9 @@ CHAT_TEMPLATE = (
 
 
 def tiny_processor(chat_template: str | None) -> LlavaProcessor:
-    """A LLaVA processor for the tiny target: a whitespace word tokenizer over its vocabulary
-    (``<s>`` = 1, ``</s>`` = 2, ``<image>`` = IMAGE_TOKEN, words ``w5``...) that prepends BOS,
-    and a CLIP image processor producing IMAGE_SIZE pixels square."""
+    """The tiny target's processor (tiny_models.tiny_processor) with a whitespace word tokenizer
+    over its vocabulary (``<s>`` = 1, ``</s>`` = 2, ``"USER:"``/``"ASSISTANT:"`` one word each,
+    ``<image>`` = IMAGE_TOKEN, words ``w5``...) that prepends BOS."""
     vocab = ({"<unk>": 0, "<s>": 1, "</s>": 2, "USER:": 3, "ASSISTANT:": 4}
              | {f"w{i}": i for i in range(5, IMAGE_TOKEN)} | {"<image>": IMAGE_TOKEN})
     words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -44,12 +45,7 @@ def tiny_processor(chat_template: str | None) -> LlavaProcessor:
     words.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>",
                                         eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
-    images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    # The vision tower emits a CLS token besides the patches; the "default" strategy drops it.
-    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH,
-                          num_additional_image_tokens=1, vision_feature_select_strategy="default",
-                          chat_template=chat_template)
+    return tiny_models.tiny_processor(tokenizer, chat_template=chat_template)
 
 
 @pytest.fixture(scope="module")

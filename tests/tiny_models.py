@@ -98,10 +98,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_processor(tokenizer: PreTrainedTokenizerFast | None = None,
-                   image_processor: CLIPImageProcessor | None = None) -> LlavaProcessor:
+                   image_processor: CLIPImageProcessor | None = None,
+                   chat_template: str | None = None) -> LlavaProcessor:
     """A LLaVA-1.5 processor for the tiny target: IMAGE_SIZE-pixel square crops (16 image tokens:
     the vision tower's CLS token is dropped by the "default" strategy)."""
     image_processor = image_processor or CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer or tiny_tokenizer(),
-                          patch_size=PATCH, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+                          patch_size=PATCH, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=chat_template)
