@@ -4,7 +4,9 @@ Each function checks its arguments (raising ``TypeError``/``ValueError`` that na
 argument) and runs either the compiled op ``torch.ops.msd.<name>`` (C++ on CPU, CUDA on
 GPU) or its pure-PyTorch reference. The backend is chosen explicitly, never silently:
 the ``backend=`` argument, else the ``MSD_KERNELS_BACKEND`` environment variable
-(``compiled``, the default, or ``reference``).
+(``compiled``, the default, or ``reference``). One documented exception within
+``compiled``: CUDA tree attention on inputs its kernel is not specialised for (float32,
+head dims other than 64/80/96/128) runs :func:`msd_kernels.composite.tree_attention_sdpa`.
 
 Semantics of every op: :mod:`msd_kernels.reference`.
 """
@@ -15,7 +17,7 @@ import os
 
 import torch
 
-from msd_kernels import _checks, reference
+from msd_kernels import _checks, composite, reference
 from msd_kernels._checks import FLOAT_DTYPES
 
 BACKENDS = ("compiled", "reference")
@@ -168,6 +170,9 @@ def tree_attention(
     new tokens' K/V already at ``prefix_len .. prefix_len + Q - 1``); ``prefix_len``
     ``[B]`` int32; ``tree_mask`` ``[B, Q, ceil(Q/64)]`` int64 or None (causal).
     Returns ``[B, Hq, Q, D]`` in ``q``'s dtype.
+
+    On CUDA the hand-written kernel serves float16/bfloat16 with head_dim 64/80/96/128;
+    other inputs run the sync-free SDPA composition in :mod:`msd_kernels.composite`.
     """
     q = _checks.tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     batch, num_q_heads, num_new, head_dim = q.shape
@@ -191,6 +196,8 @@ def tree_attention(
     if _use_reference(backend):
         _check_fits("prefix_len", prefix_len, num_new, max_len)
         return reference.tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+    if q.is_cuda and not composite.cuda_attention_kernel_covers(q):
+        return composite.tree_attention_sdpa(q, k_cache, v_cache, prefix_len, tree_mask, scale)
     return torch.ops.msd.tree_attention(
         q, k_cache, v_cache, prefix_len, tree_mask, None if scale is None else float(scale)
     )

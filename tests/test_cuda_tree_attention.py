@@ -2,7 +2,8 @@
 
 CUDA only: the shared CPU/CUDA tests use the ``device`` fixture; these add the LLaVA-7B
 shapes (32 heads, D = 128, bf16, a 60-token tree over 1-4 K prefixes), CUDA-graph replay
-with new prefix lengths, and the fp32 rejection. Random queries are scaled up so that the
+with new prefix lengths, and the kernel's fp32 / head_dim rejections (which the wrapper
+routes to the SDPA composition). Random queries are scaled up so that the
 softmax is peaked: the outputs are then O(1) and a key read or dropped by mistake shows
 far above the bf16 tolerance.
 """
@@ -180,16 +181,27 @@ def test_cuda_graph_replay_reads_prefix_len_on_device():
         torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_float32_is_rejected_with_a_clear_error():
+def test_kernel_rejects_float32_with_a_clear_error():
     q, k, v, prefix_len = make_inputs(1, 2, 2, 3, 64, [5], 16, torch.float32, 0)
     with pytest.raises(RuntimeError, match="float32 is supported on the CPU only"):
-        msd_kernels.tree_attention(q, k, v, prefix_len, backend="compiled")
+        torch.ops.msd.tree_attention(q, k, v, prefix_len, None, None)
 
 
-def test_unsupported_head_dim_is_rejected():
+def test_kernel_rejects_an_unsupported_head_dim():
     q, k, v, prefix_len = make_inputs(1, 2, 2, 3, 48, [5], 16, torch.bfloat16, 0)
     with pytest.raises(RuntimeError, match="head_dim must be 64, 80, 96 or 128"):
-        msd_kernels.tree_attention(q, k, v, prefix_len, backend="compiled")
+        torch.ops.msd.tree_attention(q, k, v, prefix_len, None, None)
+
+
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 64), (torch.bfloat16, 48), (torch.float16, 256)])
+def test_wrapper_runs_uncovered_inputs_through_sdpa(dtype, head_dim):
+    """What the kernel rejects, msd_kernels.tree_attention still computes (SDPA composition)."""
+    q, k, v, prefix_len = make_inputs(2, 4, 2, 9, head_dim, [5, 30], 64, dtype, 1)
+    k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)  # the composition weighs unused rows by 0: finite
+    out = msd_kernels.tree_attention(q, k, v, prefix_len, backend="compiled")
+    expected = msd_kernels.tree_attention(q, k, v, prefix_len, backend="reference")
+    torch.testing.assert_close(out.float(), expected.float(), atol=TOLERANCE.get(dtype, 1e-5),
+                               rtol=TOLERANCE.get(dtype, 1e-5))
 
 
 @settings(max_examples=120)

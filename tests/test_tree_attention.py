@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import msd_kernels
+from msd_kernels import composite
 
 # (rtol, atol) against the float32-accumulating reference: float32 sums in another order (a
 # large scale amplifies the logits' rounding); half types also round the output.
@@ -58,11 +59,17 @@ def make_inputs(batch, num_q_heads, num_kv_heads, num_new, head_dim, prefix, dty
     ]
 
 
-def run_both(*args, **kwargs):
-    """The compiled op and the reference on the same arguments."""
-    compiled = msd_kernels.tree_attention(*args, **kwargs, backend="compiled")
-    expected = msd_kernels.tree_attention(*args, **kwargs, backend="reference")
-    return compiled, expected
+# The implementations checked against the reference: the compiled op (the CUDA kernel where
+# it covers the input, else the SDPA composition) and the SDPA composition on its own.
+IMPLEMENTATIONS = {
+    "compiled": lambda *args: msd_kernels.tree_attention(*args, backend="compiled"),
+    "sdpa": composite.tree_attention_sdpa,
+}
+
+
+def run_both(*args, implementation="compiled"):
+    """An implementation and the reference on the same arguments."""
+    return IMPLEMENTATIONS[implementation](*args), msd_kernels.tree_attention(*args, backend="reference")
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -84,7 +91,8 @@ def sdpa(q, keys, values, mask=None, scale=None, is_causal=False):
 
 
 # --------------------------------------------------------------------------- vs reference
-@settings(max_examples=150)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@settings(max_examples=100)
 @given(
     batch=st.integers(1, 3),
     heads=st.sampled_from([(4, 4), (4, 2), (8, 1)]),
@@ -95,7 +103,7 @@ def sdpa(q, keys, values, mask=None, scale=None, is_causal=False):
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     data=st.data(),
 )
-def test_matches_reference(device, batch, heads, head_dim, num_new, mask_kind, scale, dtype, data):
+def test_matches_reference(implementation, device, batch, heads, head_dim, num_new, mask_kind, scale, dtype, data):
     prefix = data.draw(st.lists(st.sampled_from([0, 1, 5, 64, 70, 130]), min_size=batch, max_size=batch))
     seed = data.draw(st.integers(0, 2**31 - 1))
     q, k_cache, v_cache, prefix_len = make_inputs(
@@ -107,7 +115,7 @@ def test_matches_reference(device, batch, heads, head_dim, num_new, mask_kind, s
     else:  # arbitrary bits, empty rows included: the kernel must not assume a tree
         allowed = torch.rand(batch, num_new, num_new, generator=generator) < 0.3
     tree_mask = None if mask_kind == "none" else msd_kernels.pack_mask(allowed).to(device)
-    compiled, expected = run_both(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+    compiled, expected = run_both(q, k_cache, v_cache, prefix_len, tree_mask, scale, implementation=implementation)
     assert compiled.dtype == dtype and compiled.shape == q.shape
     assert_close(compiled, expected, dtype)
 

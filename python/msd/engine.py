@@ -87,11 +87,16 @@ class SpeculativeLLaVA:
 
     @classmethod
     def from_pretrained(cls, target: str | Path | PreTrainedModel, draft: str | Path | MSDDraftModel, *,
-                        top_k: int = 10, depth: int = 5, total_tokens: int = 60, **target_kwargs):
+                        top_k: int = 10, depth: int = 5, total_tokens: int = 60,
+                        device: str | torch.device | None = None, **target_kwargs):
         """Load the target (path or Hub id, ``from_pretrained`` keyword arguments such as
-        ``dtype`` or ``device_map`` pass through) and the draft checkpoint."""
+        ``dtype`` or ``device_map`` pass through) and the draft checkpoint (onto the target's
+        device). ``device`` moves the target there after loading, which, unlike
+        ``device_map``, needs no ``accelerate``."""
         if not isinstance(target, PreTrainedModel):
             target = AutoModelForImageTextToText.from_pretrained(target, **target_kwargs)
+        if device is not None:
+            target = target.to(device)
         if not isinstance(draft, MSDDraftModel):
             draft = load_draft(draft, target=target)
         return cls(target, draft, top_k=top_k, depth=depth, total_tokens=total_tokens)
@@ -183,6 +188,11 @@ class SpeculativeLLaVA:
         if input_ids.shape[0] != 1:
             raise NotImplementedError(
                 f"SpeculativeLLaVA.generate runs one sequence at a time for now; got batch {input_ids.shape[0]}")
+        for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                             ("pixel_values", pixel_values)):
+            if tensor is not None and tensor.device != self.target.device:
+                raise ValueError(f"{name} is on {tensor.device} but the target is on {self.target.device}: "
+                                 "move the inputs there first (e.g. inputs.to(target.device))")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise NotImplementedError("attention_mask with padding is not supported (batch size 1 needs none)")
         image_tokens = int((input_ids == self.target.config.image_token_id).sum())
