@@ -160,6 +160,46 @@ def test_poisoned_buffers_are_fully_overwritten():
     assert not out.isnan().any()
 
 
+@pytest.mark.parametrize("layout", ["hf_transposed_q", "cache_slice", "seq_major", "strided_features", "odd_offset"])
+def test_layouts_the_kernel_cannot_vector_load_are_copied(layout):
+    # The reference takes any strides; the glue hands the kernel q/k/v as they are where
+    # 16-byte loads work and a dense copy elsewhere (a strided last dim, an odd base address).
+    g = torch.Generator().manual_seed(12)
+    q, k, v, prefix_len = make_inputs(2, 8, 2, 9, 64, [40, 7], 64, torch.bfloat16, 12)
+    mask = random_tree_mask(2, 9, g)
+    if layout == "hf_transposed_q":  # [B, Q, Hq, D] storage seen as [B, Hq, Q, D], as in HF models
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "cache_slice":  # one plane of a [2, B, H, S, D] cache: dense, 16-byte aligned
+        k, v = torch.stack([k, v]).unbind(0)
+    elif layout == "seq_major":
+        k, v = (c.transpose(1, 2).contiguous().transpose(1, 2) for c in (k, v))
+    elif layout == "strided_features":
+        k, v = (torch.stack([c, torch.zeros_like(c)], dim=-1).flatten(-2)[..., ::2] for c in (k, v))
+    else:  # dense, but starting one element (2 bytes) past a 16-byte boundary
+        k, v = (torch.cat([c.new_zeros(1), c.flatten()])[1:].view(c.shape) for c in (k, v))
+    assert_matches_reference(q, k, v, prefix_len, mask)
+
+
+def test_tree_row_equals_attention_over_its_path():
+    # Independent of the reference (vLLM's tree-attention check): row i of a tree equals
+    # plain attention, by PyTorch's SDPA, over the prefix and i's root-to-node path only.
+    parents = [-1, 0, 0, 1, 1, 2, 4, 6, 3, 0]
+    dense = torch.zeros(10, 10, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            dense[i] = dense[p]
+        dense[i, i] = True
+    q, k, v, prefix_len = make_inputs(1, 8, 2, 10, 128, [77], 100, torch.bfloat16, 13)
+    out = msd_kernels.tree_attention(q, k, v, prefix_len, reference.pack_mask(dense[None]).to(CUDA),
+                                     backend="compiled")
+    for i in range(10):
+        rows = list(range(77)) + [77 + j for j in range(10) if dense[i, j]]
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, i : i + 1].float(), k[:, :, rows].float(), v[:, :, rows].float(), enable_gqa=True
+        )
+        torch.testing.assert_close(out[:, :, i : i + 1].float(), expected, atol=2e-2, rtol=2e-2)
+
+
 def test_cuda_graph_replay_reads_prefix_len_on_device():
     # Captured once, replayed with new prefix lengths written into the same tensor.
     g = torch.Generator().manual_seed(11)

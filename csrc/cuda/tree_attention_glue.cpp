@@ -18,15 +18,16 @@ using at::Tensor;
 
 // q/k/v are read with 16-byte loads: last dim contiguous, the base and the other strides
 // aligned (strides of size-1 dims are never used).
-void check_vector_layout(const char* name, const Tensor& t) {
-  TORCH_CHECK(t.stride(3) == 1, "tree_attention: ", name, " must have a contiguous last dim, got strides ",
-              t.strides());
-  bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+bool vector_loadable(const Tensor& t) {
+  bool aligned = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int d = 0; d < 3; ++d) aligned = aligned && (t.size(d) == 1 || t.stride(d) % 8 == 0);
-  TORCH_CHECK(aligned, "tree_attention: ", name,
-              " must be 16-byte aligned with strides that are multiples of 8 elements, got strides ",
-              t.strides(), " (call .contiguous())");
+  return aligned;
 }
+
+// `t` itself where the kernel can read it, else a fresh dense copy (as the CPU kernel does for a
+// strided last dim): any layout the reference accepts works, the usual ones without a copy.
+// clone, not contiguous(): a contiguous view at an odd element offset needs a new base too.
+Tensor loadable(const Tensor& t) { return vector_loadable(t) ? t : t.clone(at::MemoryFormat::Contiguous); }
 
 void check_on_device(const char* name, const Tensor& t, const Tensor& q) {
   TORCH_CHECK(t.device() == q.device(), "tree_attention: ", name, " must be on ", q.device(),
@@ -75,9 +76,10 @@ Tensor tree_attention_cuda(const Tensor& q, const Tensor& k_cache, const Tensor&
 
   Tensor out = at::empty(q.sizes(), q.options());
   if (out.numel() == 0) return out;
-  check_vector_layout("q", q);
-  check_vector_layout("k_cache", k_cache);
-  check_vector_layout("v_cache", v_cache);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const Tensor q_c = loadable(q);
+  const Tensor k_c = loadable(k_cache);
+  const Tensor v_c = loadable(v_cache);
   const Tensor lengths = prefix_len.contiguous();
 
   TreeAttentionProblem problem{};
@@ -88,20 +90,19 @@ Tensor tree_attention_cuda(const Tensor& q, const Tensor& k_cache, const Tensor&
   problem.num_new = static_cast<int>(num_new);
   problem.head_dim = static_cast<int>(head_dim);
   problem.max_len = static_cast<int>(max_len);
-  problem.q = q.data_ptr();
-  problem.k_cache = k_cache.data_ptr();
-  problem.v_cache = v_cache.data_ptr();
+  problem.q = q_c.data_ptr();
+  problem.k_cache = k_c.data_ptr();
+  problem.v_cache = v_c.data_ptr();
   for (int d = 0; d < 3; ++d) {
-    problem.q_strides[d] = q.stride(d);
-    problem.k_strides[d] = k_cache.stride(d);
-    problem.v_strides[d] = v_cache.stride(d);
+    problem.q_strides[d] = q_c.stride(d);
+    problem.k_strides[d] = k_c.stride(d);
+    problem.v_strides[d] = v_c.stride(d);
   }
   problem.prefix_len = lengths.data_ptr<int32_t>();
   problem.tree_mask = mask.defined() ? mask.data_ptr<int64_t>() : nullptr;
   problem.scale = static_cast<float>(scale.value_or(1.0 / std::sqrt(static_cast<double>(head_dim))));
   problem.out = out.data_ptr();
 
-  const c10::cuda::CUDAGuard device_guard(q.device());
   TreeAttentionSplit split{};
   cudaError_t err = tree_attention_split(problem, &split);
   TORCH_CHECK(err == cudaSuccess, "tree_attention: querying the device failed: ", cudaGetErrorString(err));
