@@ -3,14 +3,17 @@
 # kernels, run the op and CUDA tests, time the kernels against the issue's targets, and run
 # compute-sanitizer (memcheck, racecheck) on a small selection of the CUDA tests.
 #
-#   bash tools/gpu_proof.sh [stage ...]   stages: build tests bench memcheck racecheck
+#   bash tools/gpu_proof.sh [stage ...]   stages: build tests bench memcheck racecheck engine e2e
 #
-# Default: all five, in that order (the benchmark before the sanitizers, which are the
+# Default: the first five, in that order (the benchmark before the sanitizers, which are the
 # likeliest to run long). Each stage is time-boxed and runs whatever the earlier ones did;
 # together they stay inside GPU_PROOF_BUDGET_S (default 550 s). On a machine that is still
 # warm from a call that built the kernels, `bash tools/gpu_proof.sh tests bench ...` skips
 # the build (the in-place library msd_kernels/_C*.so is an ignored file and stays).
-# Logs, cuda_kernels.json/.md and summary.txt go to $OUT (a temporary folder if unset);
+# `engine` (the engine tests on CUDA, fp32 and bf16, against HF's generate) and `e2e`
+# (benchmarks/e2e.py on a LLaVA-1.5-7B-shaped bf16 model: compare and controlled modes) fill
+# a second call: `bash tools/gpu_proof.sh engine e2e` on the still-warm machine.
+# Logs, cuda_kernels.json/.md, e2e_*.json/.md and summary.txt go to $OUT (a temporary folder if unset);
 # the console gets each stage's tail, the benchmark table and the summary, last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +57,13 @@ assert where.endswith(".so"), "no in-place library: every later stage would comp
     bench)
       python3 benchmarks/cuda_kernels.py --out "$OUT/cuda_kernels.json"
       ;;
+    engine)
+      python3 -m pytest tests/test_engine.py -q -p no:cacheprovider -k "cuda"
+      ;;
+    e2e)
+      local e2e=(python3 benchmarks/e2e.py --preset llava-1.5-7b --dtype bfloat16 --device cuda)
+      "${e2e[@]}" --mode compare --out "$OUT/e2e_compare.json" && "${e2e[@]}" --mode controlled --out "$OUT/e2e_controlled.json"
+      ;;
     memcheck | racecheck)
       local selection=$MEMCHECK_SELECTION
       [[ $1 == racecheck ]] && selection=$RACECHECK_SELECTION
@@ -63,7 +73,7 @@ assert where.endswith(".so"), "no in-place library: every later stage would comp
         --print-limit 20 python3 -m pytest "${CUDA_TESTS[@]}" -q -p no:cacheprovider -k "$selection"
       ;;
     *)
-      echo "unknown stage $1 (stages: build tests bench memcheck racecheck)" >&2
+      echo "unknown stage $1 (stages: build tests bench memcheck racecheck engine e2e)" >&2
       return 2
       ;;
   esac
@@ -77,7 +87,7 @@ fi
 OUT=${OUT:-$(mktemp -d)}
 export OUT
 BUDGET_S=${GPU_PROOF_BUDGET_S:-550}
-declare -A CAP_S=([build]=240 [tests]=150 [bench]=150 [memcheck]=120 [racecheck]=90)
+declare -A CAP_S=([build]=240 [tests]=150 [bench]=150 [memcheck]=120 [racecheck]=90 [engine]=240 [e2e]=300)
 (($# > 0)) || set -- build tests bench memcheck racecheck
 summary=()
 
@@ -109,7 +119,7 @@ run_stage() {
 }
 
 for stage in "$@"; do
-  [[ -v CAP_S[$stage] ]] || { echo "unknown stage $stage (stages: build tests bench memcheck racecheck)" >&2; exit 2; }
+  [[ -v CAP_S[$stage] ]] || { echo "unknown stage $stage (stages: ${!CAP_S[*]})" >&2; exit 2; }
 done
 info=$(
   echo "gpu_proof: $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), out $OUT"
@@ -123,10 +133,12 @@ for stage in "$@"; do
   run_stage "$stage"
 done
 
-if [[ -f $OUT/cuda_kernels.md ]]; then
-  echo
-  cat "$OUT/cuda_kernels.md"
-fi
+for table in "$OUT"/cuda_kernels.md "$OUT"/e2e_*.md; do
+  if [[ -f $table ]]; then
+    echo
+    cat "$table"
+  fi
+done
 {
   echo
   echo "=== gpu_proof summary ($SECONDS s in all; logs in $OUT)"
