@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -208,7 +209,7 @@ def test_help_of_the_commands(capsys):
             main([command, "--help"])
         assert exit_code.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--features-dir", "--grad-accum", "--resume", "--shard-size", "--multimodal-data"):
+    for option in ("--features-dir", "--grad-accum", "--resume", "--shard-size", "--multimodal-data", "--eval-every"):
         assert option in out
 
 
@@ -265,16 +266,36 @@ def standalone_tau(world, checkpoint: Path) -> float:
     return produced / forwards
 
 
-def test_evaluation_logs_the_engines_tau_and_leaves_training_alone(world, tmp_path):
+class ScalarRecorder:
+    """Stands in for TensorBoard's SummaryWriter (not installed here): keeps the scalars."""
+
+    scalars: list[tuple[str, float, int]] = []
+
+    def __init__(self, log_dir: str):
+        ScalarRecorder.scalars = []
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+    def close(self) -> None:
+        pass
+
+
+def test_evaluation_logs_the_engines_tau_and_leaves_training_alone(world, tmp_path, monkeypatch):
     """tau at step 3 (eval_every) and 4 (the epoch's end) equals an evaluation of the saved
     checkpoints of those steps; the weights and losses are those of a run without evaluation.
     (A large learning rate, so that tau moves from one evaluation to the next.)"""
     options = {"epochs": 1, "save_every": 3, "lr": 2e-2}
     plain = train(config(world, tmp_path / "plain", **options))
-    evaluated = train(config(world, tmp_path / "eval", **options, **eval_options(world, eval_every=3)))
+    tensorboard = types.ModuleType("torch.utils.tensorboard")
+    tensorboard.SummaryWriter = ScalarRecorder
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    evaluated = train(config(world, tmp_path / "eval", tensorboard=True, **options,
+                             **eval_options(world, eval_every=3)))
     rows = metrics(tmp_path / "eval")
     taus = {int(row["step"]): float(row["tau"]) for row in rows if row["tau"]}
     assert sorted(taus) == [3, 4]
+    assert [(step, value) for tag, value, step in ScalarRecorder.scalars if tag == "eval/tau"] == sorted(taus.items())
     assert taus[3] != taus[4]  # so that evaluating stale weights would show
     assert all(row["tau"] == "" for row in metrics(tmp_path / "plain"))
     for step, folder in ((3, "step-000003"), (4, "epoch-01")):
