@@ -21,7 +21,13 @@ sampler states makes a resumed run repeat an uninterrupted one exactly (bitwise 
 Data parallel: run under ``torchrun`` (``python -m msd.train ...``); each rank draws its
 own share of the curriculum stream (``CurriculumSampler(num_replicas, rank)``), the draft is
 wrapped in ``DistributedDataParallel`` (nccl on CUDA, gloo on CPU) or, with ``fsdp``,
-``FullyShardedDataParallel`` (CUDA only).
+``FullyShardedDataParallel`` (either backend).
+
+Evaluation (``eval_data``): at each epoch end, at the last step and every ``eval_every``
+steps, rank 0 measures the greedy tau of the real engine (:class:`SpeculativeLLaVA`, the
+frozen target with a copy of the current draft) on held-out first user turns; the
+``tau`` column of ``metrics.csv`` (empty on other steps), ``eval/tau`` in TensorBoard. It
+leaves the training untouched: a run with evaluation trains the same weights, bitwise.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from msd.draft_checkpoint import (
 )
 from msd.train.curriculum import CurriculumSampler
 from msd.train.data import MultimodalConversationDataset, TextConversationDataset, collate
+from msd.train.evaluation import TauEvaluator, first_turn_prompts
 from msd.train.losses import feature_noise, msd_loss
 from msd.train.optim import make_optimizer, make_schedule
 from msd.train.target_features import (
@@ -76,7 +83,7 @@ STATE_FILE = "trainer_state.pt"
 LAST_FILE = "last"  # names the newest complete checkpoint folder
 METRICS_FILE = "metrics.csv"
 METRICS = ("step", "epoch", "loss", "vloss", "ploss", "accuracy", "lr", "samples_per_s", "samples",
-           "multimodal_samples", "tokens")
+           "multimodal_samples", "tokens", "tau")  # tau: empty on steps without evaluation
 # Sub-folders of a features directory, one per stage's data (``msd features``).
 TEXT_FEATURES, MULTIMODAL_FEATURES = "text", "multimodal"
 # Settings a resumed run must share with the run it continues.
@@ -124,13 +131,25 @@ class TrainConfig:
                                        "under torchrun each rank takes cuda:LOCAL_RANK)")
     bf16: bool | None = _option(None, "bf16 target and autocast (default: on for CUDA, off for CPU)")
     gradient_checkpointing: bool = _option(False, "recompute the draft layer in the backward pass (less memory)")
-    fsdp: bool = _option(False, "shard the draft with FullyShardedDataParallel (CUDA only) instead of DDP")
+    fsdp: bool = _option(False, "shard the draft with FullyShardedDataParallel instead of DDP (under torchrun)")
     resume: bool = _option(False, "continue from the checkpoint named in OUTPUT_DIR/last")
     progress: bool = _option(True, "show tqdm progress bars")
     max_steps: int | None = _option(None, "stop (with a checkpoint) after this many optimiser steps in all; "
                                           "the schedule still spans every epoch")
     num_workers: int = _option(0, "DataLoader worker processes per rank")
     tensorboard: bool = _option(False, "also log the metrics to OUTPUT_DIR/tensorboard (needs tensorboard)")
+    eval_data: str | None = _option(None, "held-out ShareGPT / LLaVA JSON: the greedy tau of the engine with the "
+                                          "current draft on its records' first user turns is logged (the 'tau' "
+                                          "column, eval/tau) at each epoch end, at the last step and every "
+                                          "eval_every steps; rank 0 evaluates while the others wait")
+    eval_image_folder: str | None = _option(None, "folder the eval_data image paths are relative to "
+                                                  "(default: image_folder)")
+    eval_every: int = _option(0, "also evaluate tau every this many steps (0: only at epoch ends); needs eval_data")
+    eval_samples: int = _option(16, "eval_data records evaluated (the first ones that are usable)")
+    eval_max_new_tokens: int = _option(64, "tokens generated per evaluation prompt")
+    eval_top_k: int = _option(10, "draft tree top_k of the evaluation engine")
+    eval_depth: int = _option(5, "draft tree depth of the evaluation engine")
+    eval_total_tokens: int = _option(60, "tree tokens verified per step by the evaluation engine")
 
 
 # ---------------------------------------------------------------------- distributed setup
@@ -345,12 +364,19 @@ def _fresh_draft(target, seed: int, decouple_visual: bool) -> MSDDraftModel:
 def _wrap(module: DraftTrainingForward, config: TrainConfig, ranks: _Ranks) -> nn.Module:
     """DDP / FSDP around the training forward when there are several ranks (or FSDP asked)."""
     if config.fsdp:
-        if ranks.device.type != "cuda":
-            raise ValueError("fsdp needs CUDA devices (use the default DDP on CPU)")
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        if ranks.world == 1:
+            raise ValueError("fsdp shards the draft over several ranks: run under torchrun --nproc_per_node N")
+        from torch.distributed.fsdp import FullOptimStateDictConfig, FullyShardedDataParallel, StateDictType
 
         # use_orig_params: the frozen embedding shares flat parameters with trainable weights.
-        return FullyShardedDataParallel(module, device_id=ranks.device, use_orig_params=True)
+        model = FullyShardedDataParallel(module, device_id=ranks.device, use_orig_params=True)
+        # The checkpoint's optimiser state is gathered into one buffer reused for every state
+        # name; "offloading" it to the CPU makes no copy when it already is there, so on CPU
+        # exp_avg would alias exp_avg_sq (torch 2.13). Without offloading it is cloned.
+        FullyShardedDataParallel.set_state_dict_type(
+            model, StateDictType.FULL_STATE_DICT,
+            optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=ranks.device.type != "cpu"))
+        return model
     if ranks.world > 1:
         ids = [ranks.device.index] if ranks.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
@@ -427,6 +453,8 @@ class _Metrics:
         if self.tensorboard is not None:
             for key in ("loss", "vloss", "ploss", "accuracy", "lr", "samples_per_s"):
                 self.tensorboard.add_scalar(f"train/{key}", row[key], row["step"])
+            if row.get("tau") is not None:
+                self.tensorboard.add_scalar("eval/tau", row["tau"], row["step"])
 
     def close(self) -> None:
         self.file.close()
@@ -435,6 +463,23 @@ class _Metrics:
 
 
 # ---------------------------------------------------------------------- the loop
+def _check_options(config: TrainConfig) -> None:
+    """Reject bad settings before anything slow is loaded; the message names the option."""
+    for name in ("epochs", "batch_size", "grad_accum", "eval_samples", "eval_max_new_tokens"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.eval_every < 0:
+        raise ValueError(f"eval_every must be >= 0, got {config.eval_every}")
+    if config.eval_data is None:
+        if config.eval_every:
+            raise ValueError(f"eval_every={config.eval_every} needs eval_data (the held-out prompts)")
+        return
+    if not Path(config.eval_data).is_file():
+        raise FileNotFoundError(f"eval_data {config.eval_data} does not exist")
+    if config.eval_image_folder is not None and not Path(config.eval_image_folder).is_dir():
+        raise FileNotFoundError(f"eval_image_folder {config.eval_image_folder} is not a folder")
+
+
 def train(config: TrainConfig) -> Path:
     """Train an MSD draft; returns the last checkpoint folder (a released-layout draft that
     ``SpeculativeLLaVA`` / :func:`msd.draft_checkpoint.load_draft` load)."""
@@ -450,9 +495,7 @@ class _Run:
     """The state of one training run (one per rank)."""
 
     def __init__(self, config: TrainConfig, ranks: _Ranks):
-        for name in ("epochs", "batch_size", "grad_accum"):
-            if getattr(config, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+        _check_options(config)
         self.config, self.ranks, device = config, ranks, ranks.device
         self.output_dir = Path(config.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -461,13 +504,16 @@ class _Run:
                                 enabled=self.dtype == torch.bfloat16)
 
         target = _load_target(config.target, self.dtype)
+        processor = AutoProcessor.from_pretrained(config.processor or config.target) if (
+            config.eval_data or not config.features_dir) else None
         if config.features_dir:  # the target only lends its head (and the fresh draft's embeddings)
             self.extractor = None
             datasets = _feature_datasets(config.features_dir)
             collate_fn = _collate_shards
+            if config.eval_data and ranks.main:  # the evaluation runs the whole target
+                target.to(device)
             lm_head = target.get_output_embeddings().to(device)
         else:
-            processor = AutoProcessor.from_pretrained(config.processor or config.target)
             datasets = build_datasets(config.text_data, config.multimodal_data, config.image_folder, processor,
                                       config.max_length)
             collate_fn = partial(_collate_records, pad_id=next(iter(datasets.values())).pad_id)
@@ -498,6 +544,8 @@ class _Run:
             draft = _fresh_draft(target, config.seed, config.decouple_visual)
         draft.set_lm_head(lm_head)
         self.draft = draft.to(device).train()
+        # Built before FSDP shards the draft: the evaluator copies it.
+        self.evaluator = self._evaluator(target, processor) if config.eval_data and ranks.main else None
         self.draft_forward = DraftTrainingForward(self.draft, config.gradient_checkpointing)
         self.model = _wrap(self.draft_forward, config, ranks)
         self.optimizer = make_optimizer(self.model.parameters(), lr=config.lr)
@@ -506,9 +554,27 @@ class _Run:
         total = self.steps_per_epoch * config.epochs
         self.scheduler = make_schedule(self.optimizer, total_steps=total, warmup_steps=min(config.warmup_steps, total))
         self.step, self.epoch, self.consumed = 0, 1, 0
+        self.last_tau = None  # shown in the progress bar
         if config.resume:
             self._resume()
         self.metrics = _Metrics(self.output_dir, self.step, config.tensorboard) if ranks.main else None
+
+    def _evaluator(self, target, processor) -> TauEvaluator:
+        """The tau evaluator of ``eval_data`` (rank 0's)."""
+        config = self.config
+        prompts = first_turn_prompts(config.eval_data, config.eval_image_folder or config.image_folder, processor,
+                                     config.eval_samples)
+        try:
+            evaluator = TauEvaluator(target, self.draft, prompts, config.eval_max_new_tokens, top_k=config.eval_top_k,
+                                     depth=config.eval_depth, total_tokens=config.eval_total_tokens)
+        except ValueError as error:  # the engine's checks of the tree settings
+            raise ValueError(f"eval_top_k / eval_depth / eval_total_tokens: {error}") from None
+        limit = target.config.text_config.max_position_embeddings
+        longest = max(prompt["input_ids"].shape[1] for prompt in prompts)
+        if longest + config.eval_max_new_tokens > limit:
+            raise ValueError(f"eval_max_new_tokens={config.eval_max_new_tokens} after a {longest}-token eval prompt "
+                             f"exceeds the target's {limit} positions")
+        return evaluator
 
     # -------------------------------------------------------------- resume
     def _resume(self) -> None:
@@ -543,15 +609,23 @@ class _Run:
         if self.ranks.main:
             logger.info("resumed from %s (epoch %d, step %d)", folder, self.epoch, self.step)
 
+    def _full_weights(self):
+        """A context in which rank 0's ``self.draft`` holds all its weights (FSDP gathers the
+        shards: collective, every rank enters it)."""
+        if not self.config.fsdp:
+            return nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(self.model, writeback=False, rank0_only=True)
+
     def _checkpoint(self, name: str) -> Path:
         """Write checkpoint ``name`` (collective under FSDP: every rank calls it)."""
-        gather, optimizer_state = nullcontext(), None
+        optimizer_state = None
         if self.config.fsdp:
             from torch.distributed.fsdp import FullyShardedDataParallel
 
-            gather = FullyShardedDataParallel.summon_full_params(self.model, writeback=False, rank0_only=True)
             optimizer_state = FullyShardedDataParallel.optim_state_dict(self.model, self.optimizer)
-        with gather:
+        with self._full_weights():
             if self.ranks.main:
                 state = {"step": self.step, "epoch": self.epoch, "sampler": self.sampler.state_dict(self.consumed),
                          "optimizer": optimizer_state or self.optimizer.state_dict(),
@@ -586,18 +660,23 @@ class _Run:
         remaining = len(self.sampler) - self.sampler.state_dict(0)["start"]
         self.consumed = 0
         batches = iter(self.loader)
-        bar = tqdm(total=-(-remaining // (config.batch_size * config.grad_accum)), disable=not (
-            config.progress and self.ranks.main), desc=f"epoch {self.epoch}/{config.epochs}")
+        steps = -(-remaining // (config.batch_size * config.grad_accum))
+        bar = tqdm(total=steps, disable=not (config.progress and self.ranks.main),
+                   desc=f"epoch {self.epoch}/{config.epochs}")
         with bar:
-            while window := list(islice(batches, config.grad_accum)):
+            for taken in range(1, steps + 1):
+                window = list(islice(batches, config.grad_accum))
                 self.consumed = min(remaining, self.consumed + len(window) * config.batch_size)
                 row = self._optimizer_step(window)
                 bar.update()
+                if row is not None and config.eval_data and (
+                        config.eval_every and self.step % config.eval_every == 0 or taken == steps
+                        or self._stopped()):
+                    row["tau"] = self._evaluate()
                 if row is not None and self.ranks.main:
                     self.metrics.write(row)
-                    if self.step % config.log_every == 0:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}",
-                                        lr=f"{row['lr']:.2e}")
+                    if self.step % config.log_every == 0 or row.get("tau") is not None:
+                        bar.set_postfix(self._postfix(row))
                 if row is not None and (config.save_every and self.step % config.save_every == 0
                                         or self._stopped()):
                     written = self._checkpoint(f"step-{self.step:06d}")
@@ -608,6 +687,27 @@ class _Run:
         if self.epoch <= config.epochs:
             self.sampler.set_epoch(self.epoch)
         return written
+
+    def _postfix(self, row: dict) -> dict[str, str]:
+        """The progress bar's figures: the step's, and the last evaluated tau."""
+        if row.get("tau") is not None:
+            self.last_tau = row["tau"]
+        postfix = {"loss": f"{row['loss']:.4f}", "acc": f"{row['accuracy']:.3f}", "lr": f"{row['lr']:.2e}"}
+        return postfix | ({"tau": f"{self.last_tau:.2f}"} if self.last_tau is not None else {})
+
+    def _evaluate(self) -> float | None:
+        """The current draft's tau on the eval prompts: rank 0's value, None on the others
+        (which wait). Training is left exactly as it was: the engine runs a copy of the draft,
+        without autocast or gradients, and the random number streams are restored after it."""
+        states = _rng_states(self.ranks.device)
+        tau = None
+        with self._full_weights():
+            if self.ranks.main:
+                tau = self.evaluator(self.draft)
+        _set_rng_states(states, self.ranks.device)
+        if self.ranks.world > 1:
+            dist.barrier()
+        return tau
 
     def _optimizer_step(self, window: list[dict | None]) -> dict | None:
         """One optimiser step over ``window``'s micro-batches (this rank's); returns its

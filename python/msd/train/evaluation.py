@@ -1,0 +1,79 @@
+"""Acceptance length tau of a draft with the real engine: the pooled greedy measure shared by
+the demo / ablation (:func:`greedy_tau`) and the periodic evaluation of ``msd train``
+(:class:`TauEvaluator`, prompts from :func:`first_turn_prompts`).
+
+tau is pooled over all prompts: tokens after the first over target verification forwards, so
+long answers weigh more.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from msd.draft import MSDDraftModel
+from msd.engine import SpeculativeLLaVA
+from msd.train.data import MultimodalConversationDataset, TextConversationDataset
+
+
+def greedy_tau(engine: SpeculativeLLaVA, prompts: list[dict], max_new_tokens: int) -> tuple[float, list[torch.Tensor]]:
+    """Greedy MSD on every prompt: the pooled tau and the outputs (prompt + new tokens)."""
+    outputs, produced, forwards = [], 0, 0
+    for inputs in prompts:
+        outputs.append(engine.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens))
+        stats = engine.last_stats
+        produced += stats.new_tokens - 1  # the prefill's token is not a verification's
+        forwards += stats.steps
+    return produced / max(forwards, 1), outputs
+
+
+def first_turn_prompts(json_path: str | Path, image_folder: str | Path | None, processor, count: int) -> list[dict]:
+    """Model inputs of the first user turn of the first ``count`` usable records of a ShareGPT /
+    LLaVA JSON, in the ``llava_v1`` template the draft is trained on (``USER: <image>\\n...
+    ASSISTANT:``, the prompt ``msd generate`` gives the target); an ``"image"`` is relative to
+    ``image_folder``. Records the training data would skip are skipped (and logged) alike."""
+    if image_folder is None:
+        records = TextConversationDataset(json_path, processor.tokenizer, max_length=0)
+    else:
+        records = MultimodalConversationDataset(json_path, image_folder, processor, max_length=0)
+    prompts = []
+    for _, record, segments in records.samples[:count]:
+        text, _ = segments[0]  # "USER: {question} ASSISTANT:"
+        images = None
+        if image_folder is not None and "image" in record:
+            with Image.open(Path(image_folder) / record["image"]) as image:
+                images = image.convert("RGB")
+        prompts.append(dict(processor(images=images, text=text, return_tensors="pt")))
+    if not prompts:
+        raise ValueError(f"{json_path} holds no usable record to evaluate on")
+    return prompts
+
+
+class TauEvaluator:
+    """Greedy tau of a training draft's current weights on fixed prompts.
+
+    The engine runs a private copy of the draft in the target's dtype, on the target's device:
+    what ``SpeculativeLLaVA.from_pretrained`` makes of a checkpoint of those weights, without
+    touching the training draft (its mode, dtype, gradients).
+    """
+
+    def __init__(self, target, draft: MSDDraftModel, prompts: list[dict], max_new_tokens: int, *, top_k: int,
+                 depth: int, total_tokens: int):
+        device = target.get_output_embeddings().weight.device
+        # memo: the copy shares the target's lm_head instead of duplicating it.
+        copy = deepcopy(draft, memo={id(draft.lm_head): draft.lm_head})
+        self.draft = copy.to(device=device, dtype=target.dtype).requires_grad_(False)
+        self.engine = SpeculativeLLaVA(target, self.draft, top_k=top_k, depth=depth, total_tokens=total_tokens)
+        self.prompts = [{key: value.to(device, dtype=target.dtype if value.is_floating_point() else None)
+                         for key, value in prompt.items()} for prompt in prompts]
+        self.max_new_tokens = max_new_tokens
+
+    @torch.no_grad()
+    def __call__(self, draft: MSDDraftModel) -> float:
+        """tau of ``draft``'s current weights (all of them present: FSDP gathers them first)."""
+        self.draft.load_state_dict(draft.state_dict())
+        tau, _ = greedy_tau(self.engine, self.prompts, self.max_new_tokens)
+        return tau
