@@ -8,8 +8,9 @@
 // rows 0 .. prefix + Q - 1; the mask is only tested on the blocks' new-token columns. The
 // two products of a block are oneDNN batch-reduce GEMM micro-kernels (ATen's cpublas::brgemm,
 // which also serves ATen's own CPU flash attention); this file only packs their operands and
-// does the softmax. Every call has a fixed N and K (short blocks are zero-padded), so that
-// the JIT-compiled kernels, cached per shape, are few whatever prefix_len is.
+// does the softmax. A block always spans kKeyBlock keys (a short one is zero-padded), so
+// the GEMM shapes depend on D and the row count only: the JIT-compiled kernels, cached per
+// shape, stay few whatever prefix_len is.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
