@@ -189,6 +189,29 @@ def test_hand_computed_uniform_attention(device):
     torch.testing.assert_close(chain[0, 0, 1].cpu(), torch.tensor([3.0, -2.0 / 3.0]))  # (v0+v1+v2)/3
 
 
+def test_masked_and_unused_rows_have_exactly_zero_weight(device):
+    # q = 0 makes every visible score equal: the output is the exact mean of the visible
+    # values, with no trace of the huge values of masked new tokens or of the unused rows
+    # behind them (kernels that give a masked key a tiny weight instead of 0 would leak them).
+    num_new, prefix, head_dim = 3, 70, 4  # the new tokens straddle a 64-row key block
+    v_cache = torch.ones(1, 2, prefix + num_new + 60, head_dim)
+    v_cache[:, :, prefix + 1] = 1e30  # new token 1: seen by row 1 only
+    v_cache[:, :, prefix + num_new :] = 1e30  # unused rows
+    v_cache[:, :, prefix] = 4.0  # new token 0 (the root): seen by every row
+    k_cache = torch.randn(v_cache.shape)
+    q = torch.zeros(1, 4, num_new, head_dim)
+    parents = [-1, 0, 0]
+    tree_mask = msd_kernels.pack_mask(ancestor_mask(parents)[None]).to(device)
+    out = msd_kernels.tree_attention(
+        q.to(device), k_cache.to(device), v_cache.to(device),
+        torch.tensor([prefix], dtype=torch.int32, device=device), tree_mask, backend="compiled",
+    )
+    # Prefix rows of ones, the root's 4 and, for row 2, its own 1.
+    for row, expected in ((0, (prefix + 4.0) / (prefix + 1)), (2, (prefix + 5.0) / (prefix + 2))):
+        torch.testing.assert_close(out[0, :, row].cpu(), torch.full((4, head_dim), expected))
+    assert out[0, :, 1].min() > 1e27  # row 1 does see token 1
+
+
 def test_default_scale_is_inverse_sqrt_head_dim(device):
     q, k_cache, v_cache, prefix_len = make_inputs(1, 2, 1, 3, 80, [10], torch.float32, device, 2)
     default = msd_kernels.tree_attention(q, k_cache, v_cache, prefix_len, backend="compiled")

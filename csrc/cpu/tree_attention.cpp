@@ -3,29 +3,35 @@
 // there is no mask). Semantics: msd_kernels/reference.py::tree_attention.
 //
 // Flash-style: one work item is (sequence, kv head, block of query rows), where the rows of
-// a kv head are its `group` query heads x Q queries (contiguous in q). An online softmax in
-// float32 runs over blocks of keys: first the prefix (visible to every query, so no mask
-// test), then the Q new tokens (mask test). Each key block is converted to float once per
-// work item, K transposed, so that both products are axpy loops over contiguous floats:
-// the compiler vectorises those without having to reassociate a reduction.
+// a kv head are its `group` query heads x Q queries (contiguous in q), so that grouped
+// heads share every key block. An online softmax in float32 runs over blocks of the cache
+// rows 0 .. prefix + Q - 1; the mask is only tested on the blocks' new-token columns. The
+// two products of a block are oneDNN batch-reduce GEMM micro-kernels (ATen's cpublas::brgemm,
+// which also serves ATen's own CPU flash attention); this file only packs their operands and
+// does the softmax. A block always spans kKeyBlock keys (a short one is zero-padded), so
+// the GEMM shapes depend on D and the row count only: the JIT-compiled kernels, cached per
+// shape, stay few whatever prefix_len is.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "cpu/ops_cpu.h"
 #include "msd/common.h"
 
-// The extension is compiled for the baseline ISA (no -march): give the hot float loops an
-// AVX2+FMA clone, picked by the dynamic loader on CPUs that have it.
+// The extension is compiled for the baseline ISA (no -march): give the softmax loops AVX2
+// and AVX-512 clones, picked by the dynamic loader on CPUs that have them.
 #if defined(__x86_64__) && defined(__GNUC__)
-#define MSD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define MSD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MSD_CPU_CLONES
 #endif
@@ -33,84 +39,83 @@
 namespace msd::cpu {
 namespace {
 
-constexpr int64_t kKeyBlock = 64;  // keys per online-softmax step
-constexpr int64_t kRowBlock = 64;  // query rows per work item, sharing each converted key block
+using at::native::cpublas::brgemm;
+
+constexpr int64_t kKeyBlock = 64;  // cache rows per online-softmax step
+constexpr int64_t kMaxRows = 64;   // query rows per work item, sharing each packed key block
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// scores[r, j] = q[r, :] . k_t[:, j] for every key of the block (unused keys hold zeros).
-// Four feature rows per pass: fewer loads and stores of `scores` per multiply-add.
-MSD_CPU_CLONES void block_scores(
-    const float* __restrict q,    // [rows, D] float32, already multiplied by the softmax scale
-    const float* __restrict k_t,  // [D, kKeyBlock] float32, keys transposed
-    float* __restrict scores,     // [rows, kKeyBlock] float32, written
-    int64_t rows, int64_t head_dim) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* qr = q + r * head_dim;
-    float* s = scores + r * kKeyBlock;
-    std::fill(s, s + kKeyBlock, 0.f);
-    int64_t d = 0;
-    for (; d + 4 <= head_dim; d += 4) {
-      const float* k = k_t + d * kKeyBlock;
-      for (int64_t j = 0; j < kKeyBlock; ++j) {
-        s[j] += qr[d] * k[j] + qr[d + 1] * k[j + kKeyBlock] + qr[d + 2] * k[j + 2 * kKeyBlock] +
-                qr[d + 3] * k[j + 3 * kKeyBlock];
-      }
-    }
-    for (; d < head_dim; ++d) {
-      for (int64_t j = 0; j < kKeyBlock; ++j) s[j] += qr[d] * k_t[d * kKeyBlock + j];
-    }
-  }
+// e^x for -88 <= x <= 0 (a score minus its row's maximum, clamped), within ~2 ulp of expf
+// above -87.6 and exactly 0 below (where expf is subnormal). Plain arithmetic, unlike
+// std::exp, so that the softmax loop vectorises: x = n ln2 + r with |r| <= ln2/2 (ln2 split
+// in two for an exact product), e^r by Cephes expf's degree-6 polynomial, 2^n put straight
+// into the exponent bits (n = -127 gives +0).
+inline float exp_clamped(float x) {
+  const int32_t n = static_cast<int32_t>(x * 1.44269504f - 0.5f);  // round(x / ln2) for x <= 0
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (n + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return p * two_n;
 }
 
-// Folds one key block into each row's running softmax: row_max is the largest score seen,
-// row_sum the sum of exp(score - row_max) and acc the matching sum of exp(...) * value.
-// Scores are overwritten with those exponentials.
+// Folds one block of scores into each row's running softmax: row_max is the largest score
+// seen, row_sum the sum of exp(score - row_max) and acc (the caller's P @ V accumulator) is
+// rescaled to the new maximum. Scores are overwritten with those exponentials (0 for keys
+// not visible), ready for acc += P @ V. The reductions are `omp simd` (-fopenmp is on) so
+// that they may be reordered, hence vectorised.
 MSD_CPU_CLONES void online_softmax_step(
-    float* __restrict scores,        // [rows, kKeyBlock] float32, -inf = key not visible
-    const float* __restrict values,  // [kKeyBlock, D] float32 (unused keys hold zeros)
-    float* __restrict row_max,       // [rows] float32, updated
-    float* __restrict row_sum,       // [rows] float32, updated
-    float* __restrict acc,           // [rows, D] float32, updated
+    float* __restrict scores,   // [rows, kKeyBlock] float32, -inf = key not visible
+    float* __restrict row_max,  // [rows] float32, updated
+    float* __restrict row_sum,  // [rows] float32, updated
+    float* __restrict acc,      // [rows, D] float32, rescaled
     int64_t rows, int64_t head_dim) {
-  static_assert(kKeyBlock % 4 == 0, "the value loop takes four keys per pass");
   for (int64_t r = 0; r < rows; ++r) {
     float* p = scores + r * kKeyBlock;
-    const float new_max = std::max(row_max[r], *std::max_element(p, p + kKeyBlock));
-    if (new_max == kNegInf) continue;  // this row has seen no visible key yet
-    float* o = acc + r * head_dim;
-    const float rescale = std::exp(row_max[r] - new_max);  // 0 on the first visible block
-    if (rescale != 1.f) {
+    float block_max = kNegInf;
+#pragma omp simd reduction(max : block_max)
+    for (int64_t j = 0; j < kKeyBlock; ++j) block_max = p[j] > block_max ? p[j] : block_max;
+    const float new_max = std::max(row_max[r], block_max);
+    if (new_max == kNegInf) {  // this row has seen no visible key yet: nothing to add
+      std::fill(p, p + kKeyBlock, 0.f);
+      continue;
+    }
+    if (new_max != row_max[r]) {
+      const float rescale = std::exp(row_max[r] - new_max);  // 0 on the first visible block
+      float* o = acc + r * head_dim;
       for (int64_t d = 0; d < head_dim; ++d) o[d] *= rescale;
+      row_sum[r] *= rescale;
+      row_max[r] = new_max;
     }
-    float sum = row_sum[r] * rescale;
-    for (int64_t j = 0; j < kKeyBlock; ++j) {
-      p[j] = std::exp(p[j] - new_max);  // 0 for keys not visible
-      sum += p[j];
-    }
-    // Four value rows per pass: fewer loads and stores of `o` per multiply-add.
-    for (int64_t j = 0; j < kKeyBlock; j += 4) {
-      const float* v = values + j * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) {
-        o[d] += p[j] * v[d] + p[j + 1] * v[d + head_dim] + p[j + 2] * v[d + 2 * head_dim] +
-                p[j + 3] * v[d + 3 * head_dim];
-      }
-    }
-    row_max[r] = new_max;
-    row_sum[r] = sum;
+    // Clamping in its own loop: gcc does not vectorise a loop that has both it and exp_clamped.
+    for (int64_t j = 0; j < kKeyBlock; ++j) p[j] = p[j] - new_max > -88.f ? p[j] - new_max : -88.f;
+    for (int64_t j = 0; j < kKeyBlock; ++j) p[j] = exp_clamped(p[j]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < kKeyBlock; ++j) sum += p[j];
+    row_sum[r] += sum;
   }
 }
 
 // Per-thread float32 scratch, reused across work items.
 struct Scratch {
   explicit Scratch(int64_t head_dim)
-      : q(kRowBlock * head_dim),
-        k_t(head_dim * kKeyBlock),
+      : q_t(head_dim * kMaxRows),
+        k(kKeyBlock * head_dim),
         v(kKeyBlock * head_dim),
-        scores(kRowBlock * kKeyBlock),
-        row_max(kRowBlock),
-        row_sum(kRowBlock),
-        acc(kRowBlock * head_dim) {}
-  std::vector<float> q, k_t, v, scores, row_max, row_sum, acc;
+        scores_t(kKeyBlock * kMaxRows),
+        scores(kMaxRows * kKeyBlock),
+        row_max(kMaxRows),
+        row_sum(kMaxRows),
+        acc(kMaxRows * head_dim) {}
+  std::vector<float> q_t, k, v, scores_t, scores, row_max, row_sum, acc;
 };
 
 // One kv head of one sequence in the cache: row s of K is k + s * k_row_stride.
@@ -121,23 +126,26 @@ struct KvHead {
   int64_t k_row_stride, v_row_stride;
 };
 
-// Cache rows [first, first + n) to float32: keys transposed into k_t, values as rows.
+// Cache rows [first, first + n) of K or V as a GEMM operand [kKeyBlock, D] float32: read in
+// place when they are float32 and a whole block, else converted into `buffer` with zero rows
+// after n (their weights are 0, but 0 * garbage could be NaN). Sets `row_stride`.
 template <typename scalar_t>
-void load_key_block(const KvHead<scalar_t>& kv, int64_t first, int64_t n, int64_t head_dim, Scratch& s) {
-  for (int64_t j = 0; j < n; ++j) {
-    const scalar_t* k = kv.k + (first + j) * kv.k_row_stride;
-    const scalar_t* v = kv.v + (first + j) * kv.v_row_stride;
-    float* v_out = s.v.data() + j * head_dim;
-    for (int64_t d = 0; d < head_dim; ++d) {
-      s.k_t[d * kKeyBlock + j] = static_cast<float>(k[d]);
-      v_out[d] = static_cast<float>(v[d]);
+const float* cache_block(
+    const scalar_t* rows, int64_t stride, int64_t first, int64_t n, int64_t head_dim, float* buffer,
+    int64_t& row_stride) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (n == kKeyBlock) {
+      row_stride = stride;
+      return rows + first * stride;
     }
   }
-  // Unused keys of a short block: zeros, so that the fixed-size loops read finite numbers.
-  for (int64_t j = n; j < kKeyBlock; ++j) {
-    for (int64_t d = 0; d < head_dim; ++d) s.k_t[d * kKeyBlock + j] = 0.f;
-    std::fill(s.v.begin() + j * head_dim, s.v.begin() + (j + 1) * head_dim, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t* row = rows + (first + j) * stride;
+    for (int64_t d = 0; d < head_dim; ++d) buffer[j * head_dim + d] = static_cast<float>(row[d]);
   }
+  std::fill(buffer + n * head_dim, buffer + kKeyBlock * head_dim, 0.f);
+  row_stride = head_dim;
+  return buffer;
 }
 
 // What every work item shares.
@@ -159,40 +167,40 @@ void attend_rows(
     const int64_t* mask,   // [Q, mask_words] packed rows of this sequence, nullptr = causal
     const Geometry& g, Scratch& s) {
   const int64_t dim = g.head_dim;
-  for (int64_t i = 0; i < rows * dim; ++i) s.q[i] = static_cast<float>(q[i]) * g.scale;
+  // Scores are computed transposed, scores^T = K (q * scale)^T, so that K is read in place
+  // from the cache; transposing the [kKeyBlock, rows] result back costs less than
+  // transposing the [kKeyBlock, D] key block would (rows <= kMaxRows ~ D).
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < dim; ++d) s.q_t[d * rows + r] = static_cast<float>(q[r * dim + d]) * g.scale;
+  }
   std::fill(s.row_max.begin(), s.row_max.end(), kNegInf);
   std::fill(s.row_sum.begin(), s.row_sum.end(), 0.f);
   std::fill(s.acc.begin(), s.acc.end(), 0.f);
-  // Scores of cache rows [first_key, first_key + n); the block's unused keys are not visible.
-  const auto score_block = [&](int64_t first_key, int64_t n) {
-    load_key_block(kv, first_key, n, dim, s);
-    block_scores(s.q.data(), s.k_t.data(), s.scores.data(), rows, dim);
-    for (int64_t r = 0; r < rows; ++r) {
-      std::fill(s.scores.begin() + r * kKeyBlock + n, s.scores.begin() + (r + 1) * kKeyBlock, kNegInf);
-    }
-  };
-  const auto fold_block = [&] {
-    online_softmax_step(
-        s.scores.data(), s.v.data(), s.row_max.data(), s.row_sum.data(), s.acc.data(), rows, dim);
-  };
 
-  for (int64_t first = 0; first < prefix; first += kKeyBlock) {
-    const int64_t n = std::min(kKeyBlock, prefix - first);
-    score_block(first, n);
-    fold_block();
-  }
-  for (int64_t first = 0; first < g.num_new; first += kKeyBlock) {
-    const int64_t n = std::min(kKeyBlock, g.num_new - first);
-    score_block(prefix + first, n);
+  const int64_t total = prefix + g.num_new;
+  for (int64_t first = 0; first < total; first += kKeyBlock) {
+    const int64_t n = std::min(kKeyBlock, total - first);
+    int64_t k_stride = 0, v_stride = 0;
+    const float* k = cache_block(kv.k, kv.k_row_stride, first, n, dim, s.k.data(), k_stride);
+    brgemm(kKeyBlock, rows, dim, k_stride, rows, rows, false, k, s.q_t.data(), s.scores_t.data());
+    // scores = scores_t^T; columns [n, kKeyBlock) are padding, columns from `prefix` on are
+    // new tokens, masked.
+    const int64_t first_new = std::clamp(prefix - first, int64_t{0}, n);
     for (int64_t r = 0; r < rows; ++r) {
+      float* row = s.scores.data() + r * kKeyBlock;
+      for (int64_t j = 0; j < n; ++j) row[j] = s.scores_t[j * rows + r];
       const int64_t query = (first_row + r) % g.num_new;
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t token = first + j;
+      for (int64_t j = first_new; j < n; ++j) {
+        const int64_t token = first + j - prefix;
         const bool visible = mask ? mask_test(mask + query * g.mask_words, token) : token <= query;
-        if (!visible) s.scores[r * kKeyBlock + j] = kNegInf;
+        if (!visible) row[j] = kNegInf;
       }
+      std::fill(row + n, row + kKeyBlock, kNegInf);
     }
-    fold_block();
+    online_softmax_step(s.scores.data(), s.row_max.data(), s.row_sum.data(), s.acc.data(), rows, dim);
+    // acc += P @ V
+    const float* v = cache_block(kv.v, kv.v_row_stride, first, n, dim, s.v.data(), v_stride);
+    brgemm(rows, dim, kKeyBlock, kKeyBlock, v_stride, dim, true, s.scores.data(), v, s.acc.data());
   }
 
   for (int64_t r = 0; r < rows; ++r) {
@@ -277,9 +285,11 @@ Tensor tree_attention(
       static_cast<float>(scale.value_or(1.0 / std::sqrt(static_cast<double>(head_dim))))};
   Tensor out = at::empty_like(q_c);
 
-  // Rows of one kv head: its `group` query heads x Q queries, contiguous in q and out.
+  // Rows of one kv head: its `group` query heads x Q queries, contiguous in q and out; split
+  // into blocks of equal size (fewer GEMM shapes than a short last block).
   const int64_t head_rows = group * num_new;
-  const int64_t row_blocks = (head_rows + kRowBlock - 1) / kRowBlock;
+  const int64_t row_blocks = (head_rows + kMaxRows - 1) / kMaxRows;
+  const int64_t block_rows = (head_rows + row_blocks - 1) / row_blocks;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention", [&] {
     const scalar_t* q_ptr = q_c.const_data_ptr<scalar_t>();
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
@@ -295,12 +305,13 @@ Tensor tree_attention(
         const KvHead<scalar_t> kv{
             k_ptr + b * k.stride(0) + kv_head * k.stride(1), v_ptr + b * v.stride(0) + kv_head * v.stride(1),
             k.stride(2), v.stride(2)};
-        const int64_t first_row = block * kRowBlock;
+        const int64_t first_row = block * block_rows;
         const int64_t q_offset = ((b * num_kv_heads + kv_head) * head_rows + first_row) * head_dim;
         attend_rows(
-            q_ptr + q_offset, out_ptr + q_offset, first_row, std::min(kRowBlock, head_rows - first_row), kv,
+            q_ptr + q_offset, out_ptr + q_offset, first_row, std::min(block_rows, head_rows - first_row), kv,
             prefix_ptr[b], mask_ptr ? mask_ptr + b * num_new * words : nullptr, geometry, scratch);
       }
+      at::native::cpublas::brgemm_release(/*is_vnni=*/false);  // the float32 kernels' hardware state
     });
   });
   return out;
