@@ -28,6 +28,10 @@
 #include "cpu/ops_cpu.h"
 #include "msd/common.h"
 
+#ifndef CPUBLAS_BRGEMM_F32F32F32
+#error "msd's CPU tree attention needs ATen's float32 cpublas::brgemm: build against torch >= 2.7"
+#endif
+
 // The extension is compiled for the baseline ISA (no -march): give the softmax loops AVX2
 // and AVX-512 clones, picked by the dynamic loader on CPUs that have them.
 #if defined(__x86_64__) && defined(__GNUC__)
