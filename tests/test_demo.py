@@ -16,8 +16,8 @@ from PIL import Image
 
 from msd.cli import build_parser, main
 from msd.demo.run import MARKER, DemoRecipe, DraftRecipe, Stage, demo_stages, run_demo, run_stages
-from msd.demo.target import TargetRecipe
-from msd.demo.tokenizer import build_processor
+from msd.demo.target import TargetRecipe, make_target
+from msd.demo.tokenizer import VISION_PATCH, build_processor
 from msd.demo.world import (
     CELL,
     COLOURS,
@@ -29,6 +29,8 @@ from msd.demo.world import (
     build_world,
     held_out_scene,
     load_scenes,
+    read_description,
+    render,
 )
 from msd.train.data import MultimodalConversationDataset, TextConversationDataset
 
@@ -138,6 +140,13 @@ def test_text_corpus_is_text_only_and_answers_arithmetic_right(world):
     assert sums > 0
 
 
+def test_read_description_reads_back_each_thing():
+    answer = "There are three objects. On the left there is an orange star. In the centre there is a blue moon."
+    assert read_description(answer + " at the bottom there is a red circle.") == {
+        "left": ("orange", "star"), "centre": ("blue", "moon"), "bottom": ("red", "circle")}
+    assert read_description("There are two objects.") == {}
+
+
 def test_held_out_scene_is_not_a_training_scene(world):
     seen = set(load_scenes(world))
     assert held_out_scene(0, seen) not in seen
@@ -165,6 +174,20 @@ def test_world_files_are_valid_training_data(world, processor):
     for item in items[TEXTS:]:
         assert int((item["input_ids"] == image_token).sum()) == 9  # one token per grid cell
         assert item["pixel_values"].shape == (1, 3, 48, 48)
+
+
+def test_processor_gives_empty_cells_nothing_but_position(processor):
+    """Pixels are normalised around the background: the vision tower sees an empty cell as
+    zeros (only its position embedding tells it apart) and a drawn thing as strongly non-zero;
+    and the target's position embeddings start as loud as a drawn patch, not at CLIP's 0.02."""
+    scene = held_out_scene(0, set())
+    pixels = processor.image_processor(render(scene), return_tensors="pt")["pixel_values"][0]
+    patches = pixels.unfold(1, VISION_PATCH, VISION_PATCH).unfold(2, VISION_PATCH, VISION_PATCH)  # [3, 3, 3, 16, 16]
+    for position, (row, column) in POSITIONS.items():
+        strength = patches[:, row, column].abs().mean().item()
+        assert (strength > 0.3) if scene.at(position) else (strength < 0.02), (position, strength)
+    target = make_target(TargetRecipe(hidden=32, layers=1, vision_hidden=16, vision_layers=1), processor)
+    assert target.model.vision_tower.embeddings.position_embedding.weight.std().item() > 0.3
 
 
 # ---------------------------------------------------------------------- the stage cache

@@ -28,6 +28,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, TextStrea
 from transformers.utils import logging as transformers_logging
 
 from msd.cli import UserError, encode_prompt
+from msd.demo.evaluate import DescriptionScore, score_descriptions
 from msd.demo.target import MAX_LENGTH, TargetRecipe, train_target
 from msd.demo.tokenizer import build_processor
 from msd.demo.world import (
@@ -43,7 +44,7 @@ from msd.demo.world import (
 )
 from msd.engine import SpeculativeLLaVA
 
-DEMO_VERSION = "v1"  # bump when a recipe changes, so that old caches are not reused
+DEMO_VERSION = "v2"  # bump when a recipe changes, so that old caches are not reused
 MARKER = "complete.json"
 # A small tree: the tiny target verifies any tree in about the same time, so the draft's
 # per-step cost (top_k and depth) decides the speed; measured best on two CPU cores.
@@ -71,6 +72,7 @@ class DemoRecipe:
     target: TargetRecipe = field(default_factory=TargetRecipe)
     draft: DraftRecipe = field(default_factory=DraftRecipe)
     seed: int = 0
+    scored_scenes: int = 30  # held-out scenes the built target is scored on (shown by the demo)
 
 
 @dataclass
@@ -125,9 +127,11 @@ def demo_stages(root: Path, recipe: DemoRecipe, device: torch.device, progress: 
     def build_processor_stage(folder: Path) -> None:
         build_processor(world, folder, recipe.vocab_size)
 
-    def build_target(folder: Path) -> None:
+    def build_target(folder: Path) -> dict:
         processor = AutoProcessor.from_pretrained(root / "processor")
-        train_target(world, processor, folder, recipe.target, seed=recipe.seed, device=device, progress=progress)
+        target = train_target(world, processor, folder, recipe.target, seed=recipe.seed, device=device,
+                              progress=progress)
+        return {"held_out": score_descriptions(target, processor, world, recipe.scored_scenes).to_json()}
 
     def build_draft(folder: Path) -> dict:
         from msd.train.trainer import TrainConfig, train  # the trainer is only needed on a first run
@@ -176,7 +180,8 @@ def run_demo(args: argparse.Namespace, recipe: DemoRecipe | None = None) -> None
     engine.generate(**inputs, **options)
     target.generate(**inputs, **options)
 
-    print(f"\nimage:    {image_path}")
+    print(f"\nscores:   {DescriptionScore(**markers['target']['held_out']).summary()}")
+    print(f"image:    {image_path}")
     if args.question == DEFAULT_QUESTION:
         print(f"truth:    {describe(scene)}")
     print(f"question: {args.question}")

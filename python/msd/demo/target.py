@@ -22,6 +22,7 @@ from msd.train.data import MultimodalConversationDataset, TextConversationDatase
 from msd.train.optim import make_schedule
 
 MAX_LENGTH = 256  # tokens per sample; the world's longest conversations take about 170
+POSITION_STD = 0.5  # initial scale of the vision tower's position embeddings
 
 
 @dataclass
@@ -59,6 +60,10 @@ def make_target(recipe: TargetRecipe, processor) -> LlavaForConditionalGeneratio
         vision_feature_layer=-1, vision_feature_select_strategy="default",
     )
     model = LlavaForConditionalGeneration(config)
+    # CLIP's default (std 0.02) makes a patch's position a whisper next to what is drawn in it,
+    # and the target must tell the grid cells apart to say where things are: start the
+    # positions as loud as a drawn patch.
+    torch.nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight, std=POSITION_STD)
     model.generation_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                    pad_token_id=tokenizer.pad_token_id)
     return model

@@ -4,7 +4,7 @@ A byte-level BPE (GPT-2 style: every byte is in the alphabet, so nothing is unkn
 decoding gives back the exact text) with the specials ``<unk> <s> </s> <pad> <image>``;
 ``<s>`` is prepended to every encoding, as for LLaVA-1.5's Llama tokenizer. The processor
 pairs it with a CLIP image processor that scales the world's images to the vision tower's
-input size.
+input size and normalises them around the world's background colour.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tokenizers.processors import TemplateProcessing
 from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-from msd.demo.world import TEXT_JSON, WORLD_JSON
+from msd.demo.world import BACKGROUND, TEXT_JSON, WORLD_JSON
 from msd.train.template import IMAGE_PLACEHOLDER, render_llava_v1
 
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_PLACEHOLDER)  # ids 0..4
 VISION_IMAGE_SIZE, VISION_PATCH = 48, 16  # 3 x 3 patches: one per grid cell of a scene
+IMAGE_STD = 0.5  # pixel scale of the normalised image: a drawn colour is about 1 away from the background
 
 
 def corpus(world: Path) -> Iterator[str]:
@@ -52,8 +53,13 @@ def make_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
     """The LLaVA processor of the demo target: images scaled (and centre-cropped) to
     ``VISION_IMAGE_SIZE``; one image token per patch (the vision tower's CLS token is dropped
     by the "default" feature strategy). No chat template: prompts are ``llava_v1`` text."""
+    # Normalised around the scenes' background: an empty cell is all zeros, so its patch
+    # embedding is nothing but the vision tower's position embedding, and a drawn thing is
+    # what stands out from it (with CLIP's photo statistics the bright background dominated
+    # every patch, and colours and positions drowned in it).
     images = CLIPImageProcessor(size={"shortest_edge": VISION_IMAGE_SIZE},
-                                crop_size={"height": VISION_IMAGE_SIZE, "width": VISION_IMAGE_SIZE})
+                                crop_size={"height": VISION_IMAGE_SIZE, "width": VISION_IMAGE_SIZE},
+                                image_mean=[channel / 255 for channel in BACKGROUND], image_std=[IMAGE_STD] * 3)
     return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=VISION_PATCH,
                           num_additional_image_tokens=1, vision_feature_select_strategy="default")
 

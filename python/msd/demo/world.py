@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,16 @@ def describe(scene: Scene) -> str:
     parts = [_count_phrase(len(scene.things), "object")]
     parts += [f"{WHERE[thing.position].capitalize()} there is {thing.a_name}." for thing in scene.things]
     return " ".join(parts)
+
+
+def read_description(text: str) -> dict[str, tuple[str, str]]:
+    """``{position: (colour, shape)}`` of the things a description in :func:`describe`'s words
+    states (its other sentences are ignored): how a model's answer is scored."""
+    return {_PLACE[place.lower()]: (colour, shape) for place, colour, shape in _DESCRIBED.findall(text)}
+
+
+_PLACE = {where: position for position, where in WHERE.items()}
+_DESCRIBED = re.compile(rf"({'|'.join(WHERE.values())}) there is an? (\w+) (\w+)\.", re.IGNORECASE)
 
 
 def _ask_describe(scene, rng):
