@@ -47,6 +47,9 @@ using at::native::cpublas::brgemm;
 
 constexpr int64_t kKeyBlock = 64;  // cache rows per online-softmax step
 constexpr int64_t kMaxRows = 64;   // query rows per work item, sharing each packed key block
+// Least work (multiply-adds) worth a thread of its own: below it, waking the pool costs
+// more than it saves, and on a busy machine a descheduled worker stalls the whole call.
+constexpr int64_t kMinTaskMacs = int64_t{1} << 21;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // e^x for -88 <= x <= 0 (a score minus its row's maximum, clamped), within ~2 ulp of expf
@@ -294,13 +297,17 @@ Tensor tree_attention(
   const int64_t head_rows = group * num_new;
   const int64_t row_blocks = (head_rows + kMaxRows - 1) / kMaxRows;
   const int64_t block_rows = (head_rows + row_blocks - 1) / row_blocks;
+  int64_t longest_prefix = 0;
+  for (int64_t b = 0; b < batch; ++b) longest_prefix = std::max<int64_t>(longest_prefix, prefix_ptr[b]);
+  const int64_t item_macs = 2 * block_rows * (longest_prefix + num_new) * head_dim;  // QK^T and PV
+  const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, item_macs));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention", [&] {
     const scalar_t* q_ptr = q_c.const_data_ptr<scalar_t>();
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     const scalar_t* k_ptr = k.const_data_ptr<scalar_t>();
     const scalar_t* v_ptr = v.const_data_ptr<scalar_t>();
     const int64_t* mask_ptr = mask.defined() ? mask.const_data_ptr<int64_t>() : nullptr;
-    at::parallel_for(0, batch * num_kv_heads * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch * num_kv_heads * row_blocks, grain, [&](int64_t begin, int64_t end) {
       Scratch scratch(head_dim);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t block = item % row_blocks;
