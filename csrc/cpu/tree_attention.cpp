@@ -273,11 +273,13 @@ Tensor tree_attention(
 
   const Tensor prefix = prefix_len.contiguous();
   const int32_t* prefix_ptr = prefix.data_ptr<int32_t>();
+  int64_t longest_prefix = 0;
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK(
         prefix_ptr[b] >= 0 && prefix_ptr[b] + num_new <= max_len, "tree_attention: prefix_len[", b,
         "] = ", prefix_ptr[b], " must be >= 0 and leave room for Q = ", num_new,
         " new tokens in a cache of S_max = ", max_len, " rows");
+    longest_prefix = std::max<int64_t>(longest_prefix, prefix_ptr[b]);
   }
 
   const Tensor q_c = q.contiguous();
@@ -297,8 +299,6 @@ Tensor tree_attention(
   const int64_t head_rows = group * num_new;
   const int64_t row_blocks = (head_rows + kMaxRows - 1) / kMaxRows;
   const int64_t block_rows = (head_rows + row_blocks - 1) / row_blocks;
-  int64_t longest_prefix = 0;
-  for (int64_t b = 0; b < batch; ++b) longest_prefix = std::max<int64_t>(longest_prefix, prefix_ptr[b]);
   const int64_t item_macs = 2 * block_rows * (longest_prefix + num_new) * head_dim;  // QK^T and PV
   const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, item_macs));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention", [&] {

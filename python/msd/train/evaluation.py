@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers import BatchFeature
 
 from msd.draft import MSDDraftModel
 from msd.engine import SpeculativeLLaVA
@@ -30,7 +31,8 @@ def greedy_tau(engine: SpeculativeLLaVA, prompts: list[dict], max_new_tokens: in
     return produced / max(forwards, 1), outputs
 
 
-def first_turn_prompts(json_path: str | Path, image_folder: str | Path | None, processor, count: int) -> list[dict]:
+def first_turn_prompts(json_path: str | Path, image_folder: str | Path | None, processor,
+                       count: int) -> list[BatchFeature]:
     """Model inputs of the first user turn of the first ``count`` usable records of a ShareGPT /
     LLaVA JSON, in the ``llava_v1`` template the draft is trained on (``USER: <image>\\n...
     ASSISTANT:``, the prompt ``msd generate`` gives the target); an ``"image"`` is relative to
@@ -46,7 +48,7 @@ def first_turn_prompts(json_path: str | Path, image_folder: str | Path | None, p
         if image_folder is not None and "image" in record:
             with Image.open(Path(image_folder) / record["image"]) as image:
                 images = image.convert("RGB")
-        prompts.append(dict(processor(images=images, text=text, return_tensors="pt")))
+        prompts.append(processor(images=images, text=text, return_tensors="pt"))
     if not prompts:
         raise ValueError(f"{json_path} holds no usable record to evaluate on")
     return prompts
@@ -60,15 +62,14 @@ class TauEvaluator:
     touching the training draft (its mode, dtype, gradients).
     """
 
-    def __init__(self, target, draft: MSDDraftModel, prompts: list[dict], max_new_tokens: int, *, top_k: int,
+    def __init__(self, target, draft: MSDDraftModel, prompts: list[BatchFeature], max_new_tokens: int, *, top_k: int,
                  depth: int, total_tokens: int):
         device = target.get_output_embeddings().weight.device
         # memo: the copy shares the target's lm_head instead of duplicating it.
         copy = deepcopy(draft, memo={id(draft.lm_head): draft.lm_head})
         self.draft = copy.to(device=device, dtype=target.dtype).requires_grad_(False)
         self.engine = SpeculativeLLaVA(target, self.draft, top_k=top_k, depth=depth, total_tokens=total_tokens)
-        self.prompts = [{key: value.to(device, dtype=target.dtype if value.is_floating_point() else None)
-                         for key, value in prompt.items()} for prompt in prompts]
+        self.prompts = [prompt.to(device, dtype=target.dtype) for prompt in prompts]  # dtype: floats only
         self.max_new_tokens = max_new_tokens
 
     @torch.no_grad()
