@@ -44,7 +44,8 @@ def tiny_processor(chat_template: str | None) -> LlavaProcessor:
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     words.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+                                        eos_token="</s>", extra_special_tokens={"image_token": "<image>"},
+                                        model_input_names=["input_ids", "attention_mask"])
     return tiny_models.tiny_processor(tokenizer, chat_template=chat_template)
 
 

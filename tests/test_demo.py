@@ -16,7 +16,7 @@ from PIL import Image
 
 from msd.cli import build_parser, main
 from msd.demo.run import MARKER, DemoRecipe, DraftRecipe, Stage, demo_stages, run_demo, run_stages
-from msd.demo.target import TargetRecipe, make_target
+from msd.demo.target import TargetRecipe, make_target, vision_position_embedding
 from msd.demo.tokenizer import VISION_PATCH, build_processor
 from msd.demo.world import (
     CELL,
@@ -187,7 +187,7 @@ def test_processor_gives_empty_cells_nothing_but_position(processor):
         strength = patches[:, row, column].abs().mean().item()
         assert (strength > 0.3) if scene.at(position) else (strength < 0.02), (position, strength)
     target = make_target(TargetRecipe(hidden=32, layers=1, vision_hidden=16, vision_layers=1), processor)
-    assert target.model.vision_tower.embeddings.position_embedding.weight.std().item() > 0.3
+    assert vision_position_embedding(target).weight.std().item() > 0.3
 
 
 # ---------------------------------------------------------------------- the stage cache

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from msd.draft import MSDDraftModel
@@ -71,7 +72,7 @@ def test_layer_equals_a_llama_decoder_layer_without_input_norm():
     torch.manual_seed(0)
     config = config_from_dict(RELEASED_CONFIG)
     draft = MSDDraftModel(config).eval()
-    reference = LlamaDecoderLayer(config, 0).eval()
+    reference = LlamaDecoderLayer(LlamaConfig(**{**config.to_dict(), "attn_implementation": "eager"}), 0).eval()
     reference.input_layernorm = nn.Identity()
     reference.load_state_dict(
         {k.removeprefix("layers.0."): v for k, v in draft.state_dict().items() if k.startswith("layers.0.")},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from collections import Counter
 
 import pytest
@@ -329,7 +330,98 @@ def test_released_checkpoint_loads_through_from_pretrained(targets, tmp_path):
                        target, inputs)
 
 
+# ------------------------------------------------------ released drafts on llava-hf targets
+# The released LLaVA-1.5 drafts have the 32000 ids of liuhaotian/llava-v1.5; llava-hf targets have
+# 32064 (the image token is 32000, then padding). Scaled down: a draft of 120 ids on the
+# 128-id tiny target, whose image token is 127; prompts hold text ids 120..126 too.
+PREFIX_VOCAB = 120
+
+
+def write_released_draft(folder, target, vocab_size: int = PREFIX_VOCAB, hidden: int | None = None):
+    """A draft checkpoint as the released MSD training script writes it: ``torch.save`` of the
+    EAGLE model's state dict (bfloat16, with the rotary buffer older transformers kept) to
+    pytorch_model.bin, and its config.json (flat Llama fields, model_type llava)."""
+    text = target.config.text_config
+    hidden = hidden or text.hidden_size
+    gen = torch.Generator().manual_seed(11)
+    inter, head_dim = text.intermediate_size, hidden // text.num_attention_heads
+    kv = text.num_key_value_heads * head_dim
+    shapes = {"fc.weight": (hidden, 2 * hidden), "fc.bias": (hidden,),
+              "layers.0.self_attn.q_proj.weight": (hidden, hidden), "layers.0.self_attn.k_proj.weight": (kv, hidden),
+              "layers.0.self_attn.v_proj.weight": (kv, hidden), "layers.0.self_attn.o_proj.weight": (hidden, hidden),
+              "layers.0.mlp.gate_proj.weight": (inter, hidden), "layers.0.mlp.up_proj.weight": (inter, hidden),
+              "layers.0.mlp.down_proj.weight": (hidden, inter)}
+    state = {key: torch.randn(shape, generator=gen) * hidden ** -0.5 for key, shape in shapes.items()}
+    state["layers.0.post_attention_layernorm.weight"] = torch.ones(hidden)
+    state["layers.0.self_attn.rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim)
+    embeddings = target.get_input_embeddings().weight.detach().cpu()
+    fits = vocab_size <= len(embeddings) and hidden == text.hidden_size
+    state["embed_tokens.weight"] = embeddings[:vocab_size] if fits else torch.randn(vocab_size, hidden, generator=gen)
+    folder.mkdir(parents=True)
+    torch.save({key: value.to(torch.bfloat16) for key, value in state.items()}, folder / "pytorch_model.bin")
+    config = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_act": "silu",
+              "hidden_size": hidden, "intermediate_size": inter, "num_attention_heads": text.num_attention_heads,
+              "num_key_value_heads": text.num_key_value_heads, "num_hidden_layers": 1, "vocab_size": vocab_size,
+              "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "rope_theta": 10000.0, "rope_scaling": None,
+              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "bfloat16",
+              "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": "mlp2x_gelu",
+              "image_aspect_ratio": "pad", "tie_word_embeddings": False, "use_cache": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_released_draft_with_a_prefix_vocabulary_is_lossless(targets, tmp_path):
+    """Loaded through from_pretrained like a user's llava-hf target and released draft: greedy
+    output equals the target's own; the draft never proposes an id it has no row for."""
+    target = targets["llava-gqa"]
+    target.save_pretrained(tmp_path / "target")
+    draft_folder = write_released_draft(tmp_path / "draft", target)
+    engine = msd.SpeculativeLLaVA.from_pretrained(tmp_path / "target", draft_folder, top_k=6, depth=3,
+                                                  total_tokens=16, dtype=target.dtype, device=target.device)
+    assert engine.draft.config.vocab_size == PREFIX_VOCAB
+    proposed = []
+    verify = engine._verify
+    engine._verify = lambda tree, *args: (proposed.append(tree.tokens[:, 1:].clone()), verify(tree, *args))[1]
+    for num_images, seed in ((2, 0), (1, 3), (0, 5)):
+        inputs = make_prompt(engine.target, num_images, seed=seed)
+        assert bool((inputs["input_ids"] >= PREFIX_VOCAB).any())  # text ids past the draft's vocabulary
+        expected = hf_greedy(engine.target, inputs, max_new_tokens=16)
+        assert_same_greedy(engine.generate(**inputs, max_new_tokens=16), expected, engine.target, inputs)
+    assert proposed and all(int(tokens.max()) < PREFIX_VOCAB for tokens in proposed)
+
+
+def test_fuse_inputs_never_looks_up_ids_past_the_draft_vocabulary(targets, tmp_path):
+    target = targets["llava"]
+    draft = msd.load_draft(write_released_draft(tmp_path / "draft", target), target)
+    ids = torch.tensor([[5, PREFIX_VOCAB - 1, PREFIX_VOCAB, IMAGE_TOKEN]], device=target.device)
+    features = torch.randn(1, 4, draft.config.hidden_size, device=target.device, dtype=target.dtype)
+    visual = torch.randn_like(features)
+    fused = draft.fuse_inputs(ids, features, visual, ids == IMAGE_TOKEN)
+    zero_embedding = draft.fc(torch.cat([torch.zeros_like(features[:, 2]), features[:, 2]], -1))
+    torch.testing.assert_close(fused[:, 2], zero_embedding)
+    torch.testing.assert_close(fused[:, 3], visual[:, 3])  # the image id: the visual embedding
+
+
+@pytest.mark.parametrize("vocab_size,hidden,message", [(VOCAB + 8, None, "larger than the target"),
+                                                       (PREFIX_VOCAB, 96, "width")])
+def test_released_draft_for_another_target_is_a_clear_error(targets, tmp_path, vocab_size, hidden, message):
+    target = targets["llava-gqa"]
+    folder = write_released_draft(tmp_path / "draft", target, vocab_size=vocab_size, hidden=hidden)
+    with pytest.raises(ValueError, match=message):
+        msd.load_draft(folder, target)
+    alone = msd.load_draft(folder)  # loads without a target (its own embeddings) ...
+    with pytest.raises(ValueError, match=message):  # ... and is refused by the engine
+        msd.SpeculativeLLaVA(target, alone.to(device=target.device, dtype=target.dtype))
+
+
 # --------------------------------------------------------------------------- bad input
+def test_unknown_generation_options_are_named(targets):
+    target = targets["llava"]
+    with pytest.raises(TypeError, match="max_new_token, temprature"):
+        engine_for(target).generate(input_ids=torch.full((1, 6), 5, device=target.device), max_new_token=4,
+                                    temprature=0.5)
+
+
 def test_pixel_values_not_matching_image_tokens(targets):
     target = targets["llava"]
     inputs = make_prompt(target, 2)

@@ -285,7 +285,7 @@ def test_evaluation_logs_the_engines_tau_and_leaves_training_alone(world, tmp_pa
     """tau at step 3 (eval_every) and 4 (the epoch's end) equals an evaluation of the saved
     checkpoints of those steps; the weights and losses are those of a run without evaluation.
     (A large learning rate, so that tau moves from one evaluation to the next.)"""
-    options = {"epochs": 1, "save_every": 3, "lr": 2e-2}
+    options = {"epochs": 1, "save_every": 3, "lr": 5e-2}
     plain = train(config(world, tmp_path / "plain", **options))
     tensorboard = types.ModuleType("torch.utils.tensorboard")
     tensorboard.SummaryWriter = ScalarRecorder

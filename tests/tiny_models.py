@@ -83,7 +83,8 @@ def wrap_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     tokens of the tiny models (``<image>`` one of them)."""
     tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>", additional_special_tokens=["<image>"])
+                                   unk_token="<unk>", pad_token="<pad>", additional_special_tokens=["<image>"],
+                                   model_input_names=["input_ids", "attention_mask"])  # as Llama's
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -1,68 +1,67 @@
-"""msd's tree attention as a Hugging Face attention implementation.
+"""One decoder layer's self-attention over msd's static cache, with the layer's own modules.
 
-Registered with ``transformers.AttentionInterface`` under :data:`ATTENTION_NAME`. The
-engine switches a model's text attention to it only for its own forward calls
-(:func:`tree_attention_mode`), so the target keeps working unchanged elsewhere (e.g. for
-its own ``generate``). The K/V passed in are the whole static cache buffers returned by
-:class:`msd.cache.StaticKVCache`; where the new tokens sit and what they see come from
-the keyword arguments the engine passes through the model's forward:
-
-- ``msd_prefix_len``: ``[B]`` int32, rows already in the cache before this chunk;
-- ``msd_tree_mask``: ``[B, Q, ceil(Q/64)]`` int64 packed tree mask, or None (causal chunk);
-- ``msd_dense_mask``: ``[B, Q, S_max]`` bool, instead of the two above, for queries that
-  are not the last rows written (the draft's tree levels: each sees its ancestors among
-  earlier levels). The draft is one small layer, so PyTorch's SDPA serves it.
+The projections are the layer's ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` (whatever
+they are: plain, quantised or adapter-wrapped linears), rotary embedding is applied as
+Llama / Qwen2 do it (``x * cos + rotate_half(x) * sin``), and the attention itself is msd's
+tree attention over the cache: each query sees the committed prefix and, for a tree, its
+ancestors (``tree_mask``), or, for a plain chunk, the chunk causally (``tree_mask=None``).
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-from transformers import AttentionInterface
+from torch import nn
 
 import msd_kernels
+from msd.cache import StaticKVCache
 
-ATTENTION_NAME = "msd_tree"
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the last dimension (the RoPE pairing of Llama / Qwen2)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def msd_tree_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    msd_prefix_len: torch.Tensor | None = None,
-    msd_tree_mask: torch.Tensor | None = None,
-    msd_dense_mask: torch.Tensor | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """query ``[B, Hq, Q, D]``, key/value ``[B, Hkv, S_max, D]`` -> ``([B, Q, Hq, D], None)``."""
-    if msd_dense_mask is not None:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, H, Q, D]`` by ``cos`` / ``sin`` ``[B, Q, D]``."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def project_qkv(attn: nn.Module, hidden: torch.Tensor, head_dim: int, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries ``[B, Hq, Q, D]`` and keys ``[B, Hkv, Q, D]`` (both rotated) and values
+    ``[B, Hkv, Q, D]`` of ``hidden`` ``[B, Q, H]``."""
+    batch, length, _ = hidden.shape
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, length, -1, head_dim).transpose(1, 2)
+
+    queries, keys, values = heads(attn.q_proj(hidden)), heads(attn.k_proj(hidden)), heads(attn.v_proj(hidden))
+    return apply_rotary(queries, cos, sin), apply_rotary(keys, cos, sin), values
+
+
+def cached_self_attention(attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          cache: StaticKVCache, layer: int, *, head_dim: int, scaling: float,
+                          tree_mask: torch.Tensor | None = None, dense_mask: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+    """Self-attention output ``[B, Q, H]`` of ``hidden`` ``[B, Q, H]``, whose K/V rows are
+    written to ``cache`` at ``prefix_len + write_offset``.
+
+    Args:
+        attn: the layer's attention module (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``).
+        cos, sin: ``[B, Q, D]`` rotary tables at the chunk's positions.
+        tree_mask: ``[B, Q, ceil(Q/64)]`` int64 packed ancestor mask, or None for a causal chunk.
+        dense_mask: ``[B, Q, S_max]`` bool instead, for queries that are not the last rows
+            written (the draft's tree levels see their ancestors among earlier levels).
+    """
+    batch, length, _ = hidden.shape
+    queries, keys, values = project_qkv(attn, hidden, head_dim, cos, sin)
+    key_buffer, value_buffer = cache.write(layer, keys, values)
+    if dense_mask is not None:
         out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=msd_dense_mask.unsqueeze(1), scale=scaling,
-            enable_gqa=query.shape[1] != key.shape[1],
-        )
-        return out.transpose(1, 2), None
-    if msd_prefix_len is None:
-        raise RuntimeError(
-            f"the {ATTENTION_NAME!r} attention needs msd_prefix_len: it only runs inside msd's engine"
-        )
-    out = msd_kernels.tree_attention(query, key, value, msd_prefix_len, msd_tree_mask, scaling)
-    return out.transpose(1, 2), None
-
-
-AttentionInterface.register(ATTENTION_NAME, msd_tree_attention)
-
-
-@contextlib.contextmanager
-def tree_attention_mode(config):
-    """Run the text model of ``config`` on msd's attention inside the block."""
-    previous = config._attn_implementation
-    config._attn_implementation = ATTENTION_NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+            queries, key_buffer, value_buffer, attn_mask=dense_mask.unsqueeze(1), scale=scaling,
+            enable_gqa=queries.shape[1] != key_buffer.shape[1])
+    else:
+        out = msd_kernels.tree_attention(queries, key_buffer, value_buffer, cache.prefix_len, tree_mask, scaling)
+    return attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))

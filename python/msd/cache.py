@@ -3,10 +3,8 @@
 All layers' K and V live in one buffer ``[2 * layers, B, Hkv, S_max, D]`` (plane ``2l`` is
 layer l's K, ``2l + 1`` its V), so one ``kv_compact`` call moves the accepted rows of every
 layer. ``prefix_len`` (``[B]`` int32, on the device) counts the committed rows of each
-sequence; sizes that change per step never leave the device.
-
-It implements the part of the Hugging Face ``Cache`` protocol that the Llama attention
-calls (``update``); positions and masks come from msd's engine, not from the cache.
+sequence; sizes that change per step never leave the device. Rows are indexed by the plain
+token index, whatever the model's positions are (M-RoPE coordinates never index the cache).
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import msd_kernels
 class StaticKVCache:
     """Preallocated K/V rows for ``num_layers`` layers of ``batch`` sequences.
 
-    ``update`` writes a chunk of ``Q`` new rows at ``prefix_len + write_offset`` and
+    :meth:`write` puts a chunk of ``Q`` new rows at ``prefix_len + write_offset`` and
     returns the layer's whole K and V buffers; the attention reads what it may see from
     ``prefix_len`` and its mask. The engine then commits rows with :meth:`advance` or
     :meth:`compact`.
@@ -36,15 +34,15 @@ class StaticKVCache:
     def max_len(self) -> int:
         return self.kv.shape[3]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs=None):
-        """Write ``[B, Hkv, Q, D]`` new K/V rows; return the layer's ``[B, Hkv, S_max, D]`` buffers."""
-        batch, heads, num_new, head_dim = key_states.shape
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``[B, Hkv, Q, D]`` new K/V rows of ``layer``; return its ``[B, Hkv, S_max, D]`` buffers."""
+        batch, heads, num_new, head_dim = keys.shape
         rows = self.prefix_len.long().unsqueeze(1) + self.write_offset + torch.arange(num_new, device=self.kv.device)
         index = rows[:, None, :, None].expand(batch, heads, num_new, head_dim)
-        keys, values = self.kv[2 * layer_idx], self.kv[2 * layer_idx + 1]
-        keys.scatter_(2, index, key_states.to(keys.dtype))
-        values.scatter_(2, index, value_states.to(values.dtype))
-        return keys, values
+        key_buffer, value_buffer = self.kv[2 * layer], self.kv[2 * layer + 1]
+        key_buffer.scatter_(2, index, keys.to(key_buffer.dtype))
+        value_buffer.scatter_(2, index, values.to(value_buffer.dtype))
+        return key_buffer, value_buffer
 
     def advance(self, num_rows: int | torch.Tensor) -> None:
         """Commit the rows just written: ``prefix_len += num_rows``."""
@@ -53,6 +51,3 @@ class StaticKVCache:
     def compact(self, accepted_index: torch.Tensor, num_accepted: torch.Tensor) -> None:
         """Keep the accepted tree rows (root first) and commit them (see ``kv_compact``)."""
         msd_kernels.kv_compact(self.kv, accepted_index, num_accepted, self.prefix_len)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.prefix_len.max())

@@ -143,10 +143,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    engine.generate(
-        inputs["input_ids"], inputs.get("attention_mask"), inputs.get("pixel_values"), inputs.get("image_sizes"),
-        streamer=streamer, **generation_options(args),
-    )
+    engine.generate(**inputs, streamer=streamer, **generation_options(args))
     stats = engine.last_stats
     print(f"tau {stats.tau:.2f} | {stats.new_tokens} tokens in {stats.seconds:.2f} s | "
           f"{stats.tokens_per_second:.1f} tokens/s", file=sys.stderr)

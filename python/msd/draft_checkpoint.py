@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 from msd.draft import MSDDraftModel
+from msd.hf_compat import rope_theta_and_scaling
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -48,6 +49,8 @@ def config_from_dict(raw: dict) -> LlamaConfig:
         raise ValueError(f"draft config.json lacks {', '.join(missing)}")
     if raw.get("num_hidden_layers", 1) != 1:
         raise ValueError(f"draft config.json: num_hidden_layers must be 1, got {raw['num_hidden_layers']}")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"draft config.json: hidden_act must be silu, got {raw['hidden_act']!r}")
     return LlamaConfig(
         hidden_size=raw["hidden_size"],
         intermediate_size=raw["intermediate_size"],
@@ -60,15 +63,12 @@ def config_from_dict(raw: dict) -> LlamaConfig:
         rope_theta=raw.get("rope_theta", 10000.0),
         rope_scaling=raw.get("rope_scaling"),
         attention_bias=False,
-        attn_implementation="sdpa",
     )
 
 
 def config_to_dict(config: LlamaConfig) -> dict:
     """The flat ``config.json`` msd writes (EAGLE flavour, ``model_type: llama``)."""
-    rope = dict(config.rope_parameters)
-    rope_theta = rope.pop("rope_theta")
-    rope_scaling = None if rope.get("rope_type") == "default" else rope
+    rope_theta, rope_scaling = rope_theta_and_scaling(config)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -119,6 +119,17 @@ def check_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_fits_target(config: LlamaConfig, target_hidden: int, target_vocab: int) -> None:
+    """``ValueError`` unless the draft's width is the target's and its vocabulary (a prefix of)
+    the target's."""
+    if config.hidden_size != target_hidden:
+        raise ValueError(f"draft width (hidden_size {config.hidden_size}) does not match the target's "
+                         f"({target_hidden})")
+    if config.vocab_size > target_vocab:
+        raise ValueError(f"draft vocabulary ({config.vocab_size} ids) is larger than the target's ({target_vocab}): "
+                         "the draft was made for another target")
+
+
 def load_draft(
     path_or_id: str | Path,
     target: torch.nn.Module | None = None,
@@ -128,7 +139,9 @@ def load_draft(
     """Load a draft checkpoint; with ``target``, attach its embeddings and lm_head.
 
     The draft takes ``dtype``/``device`` if given, else the target's, else the stored
-    weights' dtype on the CPU. Width or vocabulary different from the target's is an error.
+    weights' dtype on the CPU. A width different from the target's, or a vocabulary larger
+    than the target's, is an error; a smaller vocabulary is taken as a prefix of the
+    target's (the released LLaVA-1.5 drafts have 32000 ids, llava-hf targets 32064).
     """
     folder = resolve_checkpoint(path_or_id)
     raw = json.loads((folder / CONFIG_FILE).read_text())
@@ -138,12 +151,7 @@ def load_draft(
     embed_tokens = lm_head = None
     if target is not None:
         embed_tokens, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
-        target_hidden, target_vocab = embed_tokens.weight.shape[1], embed_tokens.weight.shape[0]
-        if (config.hidden_size, config.vocab_size) != (target_hidden, target_vocab):
-            raise ValueError(
-                f"draft width/vocabulary ({config.hidden_size}, {config.vocab_size}) do not match the "
-                f"target's ({target_hidden}, {target_vocab})"
-            )
+        check_fits_target(config, embed_tokens.weight.shape[1], embed_tokens.weight.shape[0])
         dtype = dtype or embed_tokens.weight.dtype
         device = device or embed_tokens.weight.device
     elif OPTIONAL_KEY not in state:

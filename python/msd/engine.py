@@ -14,16 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, GenerationConfig, PreTrainedModel
-from transformers.generation.stopping_criteria import StopStringCriteria
+from transformers import AutoModelForImageTextToText, GenerationConfig, PreTrainedModel, StopStringCriteria
 
 import msd_kernels
-from msd.attention import tree_attention_mode
 from msd.cache import StaticKVCache
 from msd.draft import MSDDraftModel
-from msd.draft_checkpoint import load_draft
-from msd.sampling import check_supported, logits_warpers, sampling_probs
-from msd.train.target_features import capture_inputs_embeds
+from msd.draft_checkpoint import check_fits_target, load_draft
+from msd.generation_options import resolve_generation_config
+from msd.sampling import logits_warpers, sampling_probs
+from msd.targets import PromptInputs, adapter_for
 from msd.tree_draft import ProposalHook, TreeDrafter, gather_rows
 
 
@@ -51,10 +50,15 @@ class GenerationStats:
 
 
 class SpeculativeLLaVA:
-    """A LLaVA / LLaVA-NeXT target with an MSD draft head.
+    """A vision-language target with an MSD draft head.
+
+    msd runs the target's text model itself (:mod:`msd.decoder`, the target's own modules),
+    after the target's own multimodal forward has built the prompt's text-model inputs
+    (:mod:`msd.targets`). The path of one step: adapter -> decoder -> drafter -> verifier.
 
     Args:
-        target: a ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``.
+        target: a model of a supported family (:data:`msd.targets.ADAPTERS`):
+            ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``.
         draft: the MSD draft head, on the target's device.
         top_k: children per node and frontier width of the draft tree (default 10).
         depth: expansion steps (default 5; paths of up to ``depth + 1`` draft tokens).
@@ -72,15 +76,12 @@ class SpeculativeLLaVA:
         if not 2 <= total_tokens <= min(pool + 1, msd_kernels.MAX_TREE_TOKENS):
             raise ValueError(f"total_tokens must be in [2, {min(pool + 1, msd_kernels.MAX_TREE_TOKENS)}] "
                              f"for top_k={top_k}, depth={depth}; got {total_tokens}")
-        text_config = target.config.text_config
-        if draft.config.hidden_size != text_config.hidden_size or draft.config.vocab_size != text_config.vocab_size:
-            raise ValueError(
-                f"draft width/vocabulary ({draft.config.hidden_size}, {draft.config.vocab_size}) do not match "
-                f"the target's ({text_config.hidden_size}, {text_config.vocab_size})"
-            )
+        self.adapter = adapter_for(target)
+        embeddings = self.adapter.embed_tokens.weight
+        check_fits_target(draft.config, embeddings.shape[1], embeddings.shape[0])
         self.target, self.draft = target.eval(), draft.eval()
         if self.draft.lm_head is None:
-            self.draft.set_lm_head(target.get_output_embeddings())
+            self.draft.set_lm_head(self.adapter.lm_head)
         self.top_k, self.depth, self.total_tokens = top_k, depth, total_tokens
         self.proposal_hook = proposal_hook
         self.last_stats = GenerationStats()
@@ -107,8 +108,6 @@ class SpeculativeLLaVA:
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_sizes: torch.Tensor | None = None,
         generation_config: GenerationConfig | None = None,
         streamer=None,
         tokenizer=None,
@@ -116,18 +115,22 @@ class SpeculativeLLaVA:
     ) -> torch.Tensor:
         """Same inputs and output as the target's ``generate``: ``[B, prompt + new]``.
 
-        Keyword arguments are generation options (``max_new_tokens``, ``do_sample``,
-        ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``stop_strings``, ...);
-        ``stop_strings`` needs ``tokenizer``. Statistics land in :attr:`last_stats`.
+        Keyword arguments are the target's multimodal inputs (``pixel_values``, and
+        ``image_sizes`` for LLaVA-NeXT) and generation options (``max_new_tokens``,
+        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
+        ``stop_strings``, ...), merged with ``generation_config`` and the target's own as
+        ``generate`` merges them; an unknown one is a ``TypeError``. ``stop_strings`` needs
+        ``tokenizer``. Statistics land in :attr:`last_stats`.
         """
         started = time.perf_counter()
-        config, _ = self.target._prepare_generation_config(generation_config, **kwargs)
-        check_supported(config)
-        self._check_inputs(input_ids, attention_mask, pixel_values)
+        model_inputs = {name: kwargs.pop(name) for name in self.adapter.input_names if name in kwargs}
+        config = resolve_generation_config(self.target.generation_config, generation_config, kwargs)
+        self._check_inputs(input_ids, attention_mask, model_inputs)
         prompt_len = input_ids.shape[1]
         max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
         if max_new < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+        self.adapter.check_length(prompt_len, max_new)
         eos = _token_set(config.eos_token_id)
         if config.stop_strings and tokenizer is None:
             raise ValueError("stop_strings needs tokenizer= (as in target.generate)")
@@ -140,9 +143,10 @@ class SpeculativeLLaVA:
         emitted = input_ids[0].tolist()
         stats = GenerationStats()
 
-        hidden, embeds = self._prefill(input_ids, pixel_values, image_sizes, target_cache)
-        first = self._choose(config.do_sample, warpers, self.target.lm_head(hidden[:, -1:]))[:, 0]  # [B]
-        drafter.commit_prompt(input_ids, first, hidden, embeds, self.target.config.image_token_id)
+        prompt = self.adapter.prompt_inputs(input_ids, attention_mask, **model_inputs)
+        hidden = self._prefill(prompt, target_cache)
+        first = self._choose(config.do_sample, warpers, self.adapter.lm_head(hidden[:, -1:]))[:, 0]  # [B]
+        drafter.commit_prompt(input_ids, first, hidden, prompt.embeds, self.adapter.visual_mask(input_ids))
         rng_state = torch.stack([torch.randint(0, 2**62, ()), torch.zeros((), dtype=torch.long)]).to(
             input_ids.device)
 
@@ -151,8 +155,8 @@ class SpeculativeLLaVA:
         while not done:
             tree = drafter.build(root, torch.tensor([emitted], device=input_ids.device)
                                  if self.proposal_hook is not None else None)
-            verify_hidden = self._verify(tree, target_cache)
-            logits = self.target.lm_head(verify_hidden)
+            verify_hidden = self._verify(tree, target_cache, prompt.rope_delta)
+            logits = self.adapter.lm_head(verify_hidden)
             if config.do_sample:
                 accepted, num_accepted, bonus = msd_kernels.verify_sampling(
                     sampling_probs(warpers, logits), tree.tokens, tree.first_child, tree.next_sibling, rng_state)
@@ -182,65 +186,44 @@ class SpeculativeLLaVA:
         return torch.tensor([emitted], dtype=input_ids.dtype, device=input_ids.device)
 
     # ------------------------------------------------------------------ steps
-    def _check_inputs(self, input_ids, attention_mask, pixel_values) -> None:
+    def _check_inputs(self, input_ids, attention_mask, model_inputs: dict) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a [batch, length] tensor")
         if input_ids.shape[0] != 1:
             raise NotImplementedError(
                 f"SpeculativeLLaVA.generate runs one sequence at a time for now; got batch {input_ids.shape[0]}")
-        for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask),
-                             ("pixel_values", pixel_values)):
-            if tensor is not None and tensor.device != self.target.device:
-                raise ValueError(f"{name} is on {tensor.device} but the target is on {self.target.device}: "
+        device = self.adapter.device
+        for name, tensor in {"input_ids": input_ids, "attention_mask": attention_mask, **model_inputs}.items():
+            if isinstance(tensor, torch.Tensor) and tensor.device != device:
+                raise ValueError(f"{name} is on {tensor.device} but the target is on {device}: "
                                  "move the inputs there first (e.g. inputs.to(target.device))")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise NotImplementedError("attention_mask with padding is not supported (batch size 1 needs none)")
-        image_tokens = int((input_ids == self.target.config.image_token_id).sum())
-        if image_tokens and pixel_values is None:
-            raise ValueError(f"input_ids hold {image_tokens} image tokens but pixel_values is None")
-        if pixel_values is not None and not image_tokens:
-            raise ValueError("pixel_values given but input_ids hold no image token")
+        self.adapter.check_visual_inputs(input_ids, model_inputs)
 
     def _new_state(self, input_ids: torch.Tensor, max_new: int) -> tuple[StaticKVCache, TreeDrafter]:
-        text = self.target.config.text_config
-        limit = getattr(text, "max_position_embeddings", None)
         needed = input_ids.shape[1] + max_new + self.total_tokens
-        if limit is not None and input_ids.shape[1] + max_new > limit:
-            raise ValueError(f"input_ids ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new}) exceed the "
-                             f"target's max_position_embeddings ({limit})")
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        dtype, device = self.target.lm_head.weight.dtype, input_ids.device
-        target_cache = StaticKVCache(text.num_hidden_layers, 1, text.num_key_value_heads, needed, head_dim,
-                                     dtype, device)
+        target_cache = self.adapter.new_cache(1, needed)
         draft_config = self.draft.config
         draft_cache = StaticKVCache(1, 1, draft_config.num_key_value_heads, needed + self.depth * self.top_k,
-                                    draft_config.hidden_size // draft_config.num_attention_heads,
-                                    self.draft.fc.weight.dtype, device)
+                                    self.draft.layers[0].self_attn.head_dim, self.draft.fc.weight.dtype,
+                                    input_ids.device)
         drafter = TreeDrafter(self.draft, draft_cache, self.top_k, self.depth, self.total_tokens - 1,
                               self.proposal_hook)
         return target_cache, drafter
 
-    def _prefill(self, input_ids, pixel_values, image_sizes, cache):
-        """Target forward over the prompt; returns the post-norm hidden states ``[B, L, H]``
-        (the draft's features) and the input embeddings with the images spliced in."""
-        extra = {"image_sizes": image_sizes} if image_sizes is not None else {}
-        with capture_inputs_embeds(self.target) as captured, tree_attention_mode(self.target.config.text_config):
-            out = self.target.model(
-                input_ids=input_ids, pixel_values=pixel_values, past_key_values=cache, use_cache=True,
-                position_ids=torch.arange(input_ids.shape[1], device=input_ids.device)[None],
-                msd_prefix_len=cache.prefix_len, msd_tree_mask=None, **extra)
-        cache.advance(input_ids.shape[1])
-        return out.last_hidden_state, captured["embeds"]
+    def _prefill(self, prompt: PromptInputs, cache: StaticKVCache) -> torch.Tensor:
+        """The target's text model over the prompt; returns the post-norm hidden states
+        ``[B, L, H]`` (the draft's features)."""
+        hidden = self.adapter.decoder(prompt.embeds, prompt.position_ids, cache)
+        cache.advance(prompt.embeds.shape[1])
+        return hidden
 
-    def _verify(self, tree, cache) -> torch.Tensor:
-        """Target forward over the tree tokens; post-norm hidden states ``[B, T+1, H]``."""
-        embeds = self.target.get_input_embeddings()(tree.tokens)
-        positions = cache.prefix_len.long().unsqueeze(1) + tree.depth
-        with tree_attention_mode(self.target.config.text_config):
-            out = self.target.model.language_model(
-                inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True,
-                msd_prefix_len=cache.prefix_len, msd_tree_mask=tree.mask)
-        return out.last_hidden_state
+    def _verify(self, tree, cache: StaticKVCache, rope_delta: torch.Tensor) -> torch.Tensor:
+        """The target's text model over the tree tokens; post-norm hidden states ``[B, T+1, H]``."""
+        embeds = self.adapter.embed_tokens(tree.tokens)
+        positions = self.adapter.positions(cache.prefix_len.long().unsqueeze(1) + tree.depth, rope_delta)
+        return self.adapter.decoder(embeds, positions, cache, tree.mask)
 
     @staticmethod
     def _choose(do_sample: bool, warpers, logits: torch.Tensor) -> torch.Tensor:

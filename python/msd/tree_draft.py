@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 import msd_kernels
-from msd.attention import tree_attention_mode
 from msd.cache import StaticKVCache
 from msd.draft import MSDDraftModel
 
@@ -51,10 +50,8 @@ class TreeDrafter:
         self.proposal_hook = proposal_hook
         self.root_hidden: torch.Tensor | None = None  # [B, 1, H] draft output at the root pair
 
-    def _forward(self, inputs: torch.Tensor, positions: torch.Tensor, **attention) -> torch.Tensor:
-        with tree_attention_mode(self.draft.config):
-            return self.draft(inputs, positions, past_key_values=self.cache,
-                              msd_prefix_len=self.cache.prefix_len, **attention)
+    def _forward(self, inputs: torch.Tensor, positions: torch.Tensor, **masks) -> torch.Tensor:
+        return self.draft(inputs, positions, cache=self.cache, **masks)
 
     def commit(self, input_ids: torch.Tensor, features: torch.Tensor,
                visual_embeds: torch.Tensor | None = None, visual_mask: torch.Tensor | None = None) -> None:
@@ -63,19 +60,19 @@ class TreeDrafter:
         inputs = self.draft.fuse_inputs(input_ids, features, visual_embeds, visual_mask)
         positions = self.cache.prefix_len.long().unsqueeze(1) + torch.arange(input_ids.shape[1], device=inputs.device)
         self.cache.write_offset = 0
-        hidden = self._forward(inputs, positions, msd_tree_mask=None)
+        hidden = self._forward(inputs, positions)
         self.cache.advance(input_ids.shape[1])
         self.root_hidden = hidden[:, -1:]
 
     def commit_prompt(self, input_ids: torch.Tensor, first_token: torch.Tensor, hidden: torch.Tensor,
-                      embeds: torch.Tensor, image_token_id: int) -> None:
+                      embeds: torch.Tensor, visual_mask: torch.Tensor) -> None:
         """The prompt's pairs after the target's prefill: position j pairs feature ``f_j``
         (``hidden`` ``[B, L, H]``) with the next input ``x_{j+1}``, the last one with the
-        first generated token ``[B]``. Visual positions take the raw visual embedding
-        (``embeds``: the target's input embeddings, images spliced in)."""
+        first generated token ``[B]``. Visual positions (``visual_mask`` ``[B, L]``) take the
+        raw visual embedding (``embeds``: the target's input embeddings, visuals spliced in)."""
         next_ids = torch.cat([input_ids[:, 1:], first_token[:, None]], 1)
         no_image = torch.zeros_like(input_ids[:, :1], dtype=torch.bool)
-        visual_mask = torch.cat([input_ids[:, 1:] == image_token_id, no_image], 1)
+        visual_mask = torch.cat([visual_mask[:, 1:], no_image], 1)
         visual_embeds = torch.cat([embeds[:, 1:], torch.zeros_like(embeds[:, :1])], 1)
         self.commit(next_ids, hidden, visual_embeds, visual_mask)
 
@@ -109,7 +106,7 @@ class TreeDrafter:
             inputs = self.draft.fuse_inputs(tokens, hidden_of_parent)
             self.cache.write_offset = step * k
             hidden = self._forward(inputs, draft_len[:, None] + step + torch.zeros_like(tokens),
-                                   msd_dense_mask=committed[:, None] | ancestors)
+                                   dense_mask=committed[:, None] | ancestors)
             offset = msd_kernels.pool_size(k, step)
             logits = self._proposals(emitted, paths, self.draft.compute_logits(hidden))
             frontier = msd_kernels.tree_expand(logits, scores, pool_index, *pool, offset, k)

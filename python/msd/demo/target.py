@@ -63,10 +63,17 @@ def make_target(recipe: TargetRecipe, processor) -> LlavaForConditionalGeneratio
     # CLIP's default (std 0.02) makes a patch's position a whisper next to what is drawn in it,
     # and the target must tell the grid cells apart to say where things are: start the
     # positions as loud as a drawn patch.
-    torch.nn.init.normal_(model.model.vision_tower.embeddings.position_embedding.weight, std=POSITION_STD)
+    torch.nn.init.normal_(vision_position_embedding(model).weight, std=POSITION_STD)
     model.generation_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                    pad_token_id=tokenizer.pad_token_id)
     return model
+
+
+def vision_position_embedding(model: LlavaForConditionalGeneration) -> torch.nn.Embedding:
+    """The vision tower's patch position embedding (CLIP's ``embeddings.position_embedding``,
+    wherever this transformers release nests the embeddings module)."""
+    return next(module.position_embedding for module in model.model.vision_tower.modules()
+                if isinstance(getattr(module, "position_embedding", None), torch.nn.Embedding))
 
 
 def load_samples(world: Path, processor) -> list[dict]:

@@ -22,6 +22,8 @@ from msd.train.template import IMAGE_PLACEHOLDER, render_llava_v1
 
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_PLACEHOLDER)  # ids 0..4
 VISION_IMAGE_SIZE, VISION_PATCH = 48, 16  # 3 x 3 patches: one per grid cell of a scene
+# What Llama tokenizers return (no token_type_ids, which LLaVA's generate rejects).
+LLAMA_INPUT_NAMES = ["input_ids", "attention_mask"]
 IMAGE_STD = 0.5  # pixel scale of the normalised image: a drawn colour is about 1 away from the background
 
 
@@ -46,7 +48,8 @@ def train_tokenizer(world: Path, vocab_size: int = 1024) -> PreTrainedTokenizerF
     bpe.train_from_iterator(corpus(world), trainer)
     bpe.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", SPECIALS.index("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_PLACEHOLDER})
+                                   pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_PLACEHOLDER},
+                                   model_input_names=LLAMA_INPUT_NAMES)
 
 
 def make_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:

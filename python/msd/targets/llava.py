@@ -1,0 +1,40 @@
+"""LLaVA-1.5 and LLaVA-NeXT targets (Llama, Mistral or Vicuna text; 1-D RoPE)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from msd.targets.base import PromptInputs, TargetAdapter, capture_text_model_inputs
+
+
+class LlavaAdapter(TargetAdapter):
+    """``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration``.
+
+    Positions are the plain token index; visual positions hold the image token id (the
+    processor expands each image into as many ids as it has visual tokens).
+    """
+
+    family = "LLaVA"
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model, model.model.language_model)
+        self.visual_inputs = {model.config.image_token_id: "pixel_values"}
+        self.input_names = ("pixel_values",)
+        if "Next" in type(model).__name__:
+            self.input_names += ("image_sizes",)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.text_model.rotary_emb(hidden, position_ids)
+
+    def prompt_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      **visual_inputs) -> PromptInputs:
+        captured = capture_text_model_inputs(self.model, self.text_model, input_ids=input_ids,
+                                             attention_mask=attention_mask, use_cache=False, **visual_inputs)
+        batch, length = input_ids.shape
+        positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+        return PromptInputs(captured["inputs_embeds"], positions,
+                            torch.zeros(batch, dtype=torch.long, device=input_ids.device))
+
+    def positions(self, plain_positions: torch.Tensor, rope_delta: torch.Tensor) -> torch.Tensor:
+        return plain_positions
