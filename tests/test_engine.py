@@ -8,26 +8,26 @@ tree attention kernel serves them; "llava" (head_dim 16) takes the SDPA composit
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
-from collections import Counter
 
 import pytest
 import torch
-from scipy import stats as scipy_stats
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import msd
 from msd.draft_checkpoint import save_draft
 
+from oracle import assert_matches_distribution, assert_same_greedy, exact_two_token_distribution
 from tiny_models import (
     IMAGE_SIZE,
     IMAGE_TOKEN,
+    ONEVISION_VIDEO,
     VOCAB,
     OracleProposals,
     image_token_counts,
+    onevision_video_tokens,
     random_draft,
     tiny_llava,
     tiny_llava_next,
@@ -43,21 +43,6 @@ TREES = {  # (top_k, depth, total_tokens)
 }
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-SETUPS = {"cpu": ("cpu", torch.float32), "cuda-fp32": ("cuda", torch.float32),
-          "cuda-bf16": ("cuda", torch.bfloat16)}
-# Largest top-2 logit margin, relative to the largest |logit|, at which two implementations
-# of the same float32 / bfloat16 model may pick different greedy tokens (see assert_same_greedy).
-NEAR_TIE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
-
-
-@pytest.fixture(params=["cpu", pytest.param("cuda-fp32", marks=needs_cuda),
-                        pytest.param("cuda-bf16", marks=needs_cuda)])
-def setup(request) -> tuple[str, torch.dtype]:
-    """(device, dtype) the target, the draft and the inputs live on."""
-    return SETUPS[request.param]
-
-
 @pytest.fixture(scope="module")
 def saved_targets(tmp_path_factory):
     root = tmp_path_factory.mktemp("targets")
@@ -68,33 +53,16 @@ def saved_targets(tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="module")
-def placed_targets():
-    """Copies of the targets moved to a setup, made once per module."""
-    return {}
-
-
-@pytest.fixture
-def targets(saved_targets, placed_targets, setup):
-    """The targets on this test's device, in its dtype."""
-    if setup == SETUPS["cpu"]:
-        return saved_targets
-    for name, target in saved_targets.items():
-        if (name, setup) not in placed_targets:
-            device, dtype = setup
-            placed_targets[name, setup] = copy.deepcopy(target).to(device=device, dtype=dtype)
-    return {name: placed_targets[name, setup] for name in saved_targets}
-
-
-def make_prompt(target, num_images: int, seed: int = 0) -> dict:
-    """input_ids with ``num_images`` images, and the matching pixel_values / image_sizes,
-    on the target's device (pixel_values in its dtype)."""
+def make_prompt(target, num_images: int, seed: int = 0, video_frames: int = 0) -> dict:
+    """input_ids with ``num_images`` images (and, for LLaVA-OneVision, a video of
+    ``video_frames`` frames), and the matching pixel_values / image_sizes / pixel_values_videos,
+    on the target's device (pixel values in its dtype)."""
     gen = torch.Generator().manual_seed(seed)
     words = lambda n: torch.randint(3, IMAGE_TOKEN - 1, (n,), generator=gen).tolist()  # noqa: E731
     inputs: dict = {}
     counts: list[int] = []
     if num_images:
-        if "Next" in type(target).__name__:
+        if "Next" in type(target).__name__ or "Onevision" in type(target).__name__:  # any-resolution tiles
             inputs["pixel_values"] = torch.randn(num_images, 5, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
             inputs["image_sizes"] = torch.tensor([[30, 20], [28, 31]][:num_images])
         else:
@@ -103,6 +71,9 @@ def make_prompt(target, num_images: int, seed: int = 0) -> dict:
     ids = [1] + words(3)
     for count in counts:
         ids += [IMAGE_TOKEN] * count + words(2)
+    if video_frames:
+        inputs["pixel_values_videos"] = torch.randn(1, video_frames, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+        ids += [ONEVISION_VIDEO] * onevision_video_tokens(video_frames) + words(2)
     inputs["input_ids"] = torch.tensor([ids + words(2)])
     return {key: value.to(target.device, dtype=target.dtype if value.is_floating_point() else None)
             for key, value in inputs.items()}
@@ -111,32 +82,6 @@ def make_prompt(target, num_images: int, seed: int = 0) -> dict:
 def hf_greedy(target, inputs, **kwargs) -> torch.Tensor:
     return target.generate(**inputs, do_sample=False, max_new_tokens=kwargs.pop("max_new_tokens", MAX_NEW),
                            **kwargs)
-
-
-def assert_same_greedy(got: torch.Tensor, expected: torch.Tensor, target, inputs: dict) -> bool:
-    """``got`` equals HF's greedy ``expected`` token for token; returns True.
-
-    On the CPU in float32 nothing else is accepted. On CUDA (and in bfloat16) msd's attention
-    and HF's SDPA round differently, so the two may part where the target cannot tell its
-    top two tokens apart: up to the first difference they must be equal, and there both
-    tokens must be the target's top two with a margin within NEAR_TIE (returns False).
-    """
-    got_ids, expected_ids = got[0].tolist(), expected[0].tolist()
-    if got_ids == expected_ids:
-        return True
-    if target.device.type == "cpu" and target.dtype == torch.float32:
-        assert got_ids == expected_ids
-    parted = next((i for i, (a, b) in enumerate(zip(got_ids, expected_ids)) if a != b), None)
-    assert parted is not None, f"one output is a prefix of the other: {got_ids} vs {expected_ids}"
-    assert parted >= inputs["input_ids"].shape[1]
-    with torch.no_grad():
-        logits = target(**{**inputs, "input_ids": expected[:, :parted]}).logits[0, -1].float()
-    top2 = logits.topk(2)
-    margin = float(top2.values[0] - top2.values[1])
-    assert {got_ids[parted], expected_ids[parted]} == set(top2.indices.tolist()), (
-        f"token {parted}: msd {got_ids[parted]}, HF {expected_ids[parted]}, target's top two {top2}")
-    assert margin <= NEAR_TIE[target.dtype] * float(logits.abs().max()), f"token {parted}: margin {margin}"
-    return False
 
 
 def engine_for(target, tree="small", proposal_hook=None) -> msd.SpeculativeLLaVA:
@@ -265,21 +210,6 @@ def test_streamer_receives_exactly_the_returned_tokens(targets):
 
 
 # --------------------------------------------------------------------------- sampling
-def exact_two_token_distribution(target, inputs, warpers) -> dict[tuple[int, int], float]:
-    """P(t1, t2) under the target's processed distribution, by enumerating t1."""
-    from msd.sampling import sampling_probs
-
-    with torch.no_grad():
-        first = sampling_probs(warpers, target(**inputs).logits[:, -1])[0]
-        joint = {}
-        for t1 in first.nonzero().flatten().tolist():
-            ids = torch.cat([inputs["input_ids"], torch.tensor([[t1]], device=target.device)], 1)
-            second = sampling_probs(warpers, target(**{**inputs, "input_ids": ids}).logits[:, -1])[0]
-            for t2 in second.nonzero().flatten().tolist():
-                joint[(t1, t2)] = float(first[t1] * second[t2])
-    return joint
-
-
 @pytest.mark.parametrize("options", [dict(temperature=0.6, top_k=4), dict(temperature=1.3, top_k=6, top_p=0.7)])
 def test_sampling_matches_the_target_distribution(targets, options):
     """The first two tokens (the second one comes from tree verification) follow the
@@ -297,25 +227,9 @@ def test_sampling_matches_the_target_distribution(targets, options):
     greedy = hf_greedy(target, inputs, max_new_tokens=4)[0].tolist()
     engine = engine_for(target, "small", OracleProposals(greedy, corruption=0.3))
     torch.manual_seed(0)
-    runs = 600
-    counts = Counter(
-        tuple(engine.generate(**inputs, do_sample=True, max_new_tokens=2, eos_token_id=None, **options)
-              [0, prompt_len:].tolist())
-        for _ in range(runs)
-    )
-    assert set(counts) <= set(exact), "sampled a pair the target gives probability 0"
-    cells = sorted(exact)
-    observed = [counts.get(cell, 0) for cell in cells]
-    total = sum(exact.values())  # 1 up to float rounding, which chisquare would reject
-    expected = [runs * exact[cell] / total for cell in cells]
-    # merge rare cells so chi-square's approximation holds
-    rare = [i for i, e in enumerate(expected) if e < 5]
-    if rare:
-        observed = [o for i, o in enumerate(observed) if i not in rare] + [sum(observed[i] for i in rare)]
-        expected = [e for i, e in enumerate(expected) if i not in rare] + [sum(expected[i] for i in rare)]
-    assert scipy_stats.chisquare(observed, expected).pvalue > 1e-3
-    total_variation = 0.5 * sum(abs(counts.get(c, 0) / runs - exact[c]) for c in cells)
-    assert total_variation < 0.1
+    samples = [tuple(engine.generate(**inputs, do_sample=True, max_new_tokens=2, eos_token_id=None, **options)
+                     [0, prompt_len:].tolist()) for _ in range(600)]
+    assert_matches_distribution(samples, exact)
 
 
 # --------------------------------------------------------------------------- checkpoints

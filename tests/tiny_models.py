@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 from pathlib import Path
 
 import torch
@@ -16,8 +18,16 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    SiglipVisionConfig,
 )
 
 # Re-exported for the tests: the draft stand-ins live in the library (the benchmark uses them too).
@@ -67,6 +77,114 @@ def tiny_llava_next(folder: Path, seed: int = 0, **config_kwargs) -> LlavaNextFo
     torch.manual_seed(seed)
     LlavaNextForConditionalGeneration(config).save_pretrained(folder)
     return LlavaNextForConditionalGeneration.from_pretrained(folder).eval()
+
+
+def tiny_llava_onevision(folder: Path, seed: int = 0) -> LlavaOnevisionForConditionalGeneration:
+    """A tiny LLaVA-OneVision target: Qwen2 text (1-D RoPE), a SigLIP tower over IMAGE_SIZE tiles,
+    images (any-resolution) and videos (IMAGE_TOKEN - 1 is the video token)."""
+    text = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=IMAGE_SIZE, patch_size=PATCH)
+    config = LlavaOnevisionConfig(
+        text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN, video_token_index=ONEVISION_VIDEO,
+        image_grid_pinpoints=[[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE],
+                              [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]],
+        vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9")
+    torch.manual_seed(seed)
+    LlavaOnevisionForConditionalGeneration(config).save_pretrained(folder)
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(folder).eval()
+
+
+ONEVISION_VIDEO = IMAGE_TOKEN - 1
+
+
+def onevision_video_tokens(frames: int) -> int:
+    """Video tokens of ``frames`` IMAGE_SIZE frames, as the OneVision processor counts them: each
+    frame's patch grid pooled 2 x 2, then one newline token for the video."""
+    pooled = math.ceil(IMAGE_SIZE // PATCH / 2)
+    return frames * pooled ** 2 + 1
+
+
+# Qwen2-VL / Qwen2.5-VL: the tiny models keep the real models' id layout at the end of the
+# vocabulary (<|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|>) and Qwen's
+# vision geometry scaled down: 4-pixel patches, 2 x 2 patches merged into one visual token,
+# 2 frames per temporal patch.
+QWEN_VOCAB = 160
+QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_START, QWEN_VISION_END = 150, 151, 152, 153
+QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 4, 2, 2
+QWEN_PATCH_VALUES = 3 * QWEN_TEMPORAL * QWEN_PATCH * QWEN_PATCH  # one flattened patch of pixel_values
+
+
+def qwen_text_config(hidden: int = 64, heads: int = 4, kv_heads: int = 2, layers: int = 2) -> dict:
+    head_dim = hidden // heads
+    section = [head_dim // 8, (head_dim // 2 - head_dim // 8) // 2]
+    section.append(head_dim // 2 - sum(section))  # temporal, height, width: sums to head_dim / 2
+    return dict(vocab_size=QWEN_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                rope_theta=10000.0, rms_norm_eps=1e-6, rope_scaling={"type": "mrope", "mrope_section": section})
+
+
+def _qwen_ids() -> dict:
+    return dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_VISION_START,
+                vision_end_token_id=QWEN_VISION_END, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def tiny_qwen2_vl(folder: Path, seed: int = 0, **text_kwargs) -> Qwen2VLForConditionalGeneration:
+    """Build, save to ``folder`` and reload a tiny random Qwen2-VL target."""
+    vision = dict(depth=1, embed_dim=32, hidden_size=text_kwargs.get("hidden", 64), num_heads=2, mlp_ratio=2,
+                  patch_size=QWEN_PATCH, temporal_patch_size=QWEN_TEMPORAL, spatial_merge_size=QWEN_MERGE)
+    config = Qwen2VLConfig(text_config=qwen_text_config(**text_kwargs), vision_config=vision, **_qwen_ids())
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    return Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
+
+
+def tiny_qwen2_5_vl(folder: Path, seed: int = 0, **text_kwargs) -> Qwen2_5_VLForConditionalGeneration:
+    """A tiny random Qwen2.5-VL target (window attention in one vision block, full in the other;
+    videos timed by ``second_per_grid_ts``)."""
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text_kwargs.get(
+        "hidden", 64), patch_size=QWEN_PATCH, temporal_patch_size=QWEN_TEMPORAL, spatial_merge_size=QWEN_MERGE,
+        window_size=4 * QWEN_PATCH, fullatt_block_indexes=[1], tokens_per_second=4)
+    config = Qwen2_5_VLConfig(text_config=qwen_text_config(**text_kwargs), vision_config=vision, **_qwen_ids())
+    torch.manual_seed(seed)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+
+
+def qwen_inputs(target, text: list[list[int]], images: list[tuple[int, int]] = (),
+                video: tuple[int, int, int] | None = None, seed: int = 0, end_on_visual: bool = False) -> dict:
+    """Inputs as a Qwen processor makes them: ``text[0]``, then each image (a (height, width)
+    patch grid, both even) wrapped in vision start/end, then ``text[1]``, then the video (a
+    (temporal, height, width) grid) and ``text[2]``; pixel values random. ``mm_token_type_ids``
+    (1 image, 2 video) is added where this transformers' ``get_rope_index`` takes it, as its
+    processor does. ``end_on_visual``: the prompt ends on the last visual token (its vision
+    end is dropped, and any text after it)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids, inputs, pieces = list(text[0]), {}, list(text[1:]) + [[]] * 2
+    if images:
+        grids = torch.tensor([[1, h, w] for h, w in images])
+        inputs |= {"pixel_values": torch.randn(int(grids.prod(-1).sum()), QWEN_PATCH_VALUES, generator=gen),
+                   "image_grid_thw": grids}
+        for _, h, w in grids.tolist():
+            ids += [QWEN_VISION_START] + [QWEN_IMAGE] * (h * w // QWEN_MERGE ** 2) + [QWEN_VISION_END]
+    ids += pieces[0]
+    if video is not None:
+        grid = torch.tensor([video])
+        inputs |= {"pixel_values_videos": torch.randn(int(grid.prod()), QWEN_PATCH_VALUES, generator=gen),
+                   "video_grid_thw": grid}
+        if "second_per_grid_ts" in inspect.signature(target.forward).parameters:
+            inputs["second_per_grid_ts"] = torch.tensor([1.5])
+        ids += [QWEN_VISION_START] + [QWEN_VIDEO] * (int(grid.prod()) // QWEN_MERGE ** 2) + [QWEN_VISION_END]
+    ids += pieces[1]
+    if end_on_visual:
+        ids = ids[:max(i for i, token in enumerate(ids) if token in (QWEN_IMAGE, QWEN_VIDEO)) + 1]
+    inputs["input_ids"] = torch.tensor([ids])
+    if "mm_token_type_ids" in inspect.signature(target.model.get_rope_index).parameters:
+        inputs["mm_token_type_ids"] = ((inputs["input_ids"] == QWEN_IMAGE).int()
+                                       + 2 * (inputs["input_ids"] == QWEN_VIDEO).int())
+    return {key: value.to(target.device, dtype=target.dtype if value.is_floating_point() else None)
+            for key, value in inputs.items()}
 
 
 def image_token_counts(target, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[int]:

@@ -1,4 +1,4 @@
-"""The MSD draft head: one EAGLE-style Llama decoder layer with decoupled inputs.
+"""The MSD draft head: one EAGLE-style Llama (or Qwen2) decoder layer with decoupled inputs.
 
 MSD_SPEC.md section 2. Width equals the target's text model. The layer has no input
 RMSNorm and the head no final norm; token embeddings and the output head are the
@@ -46,16 +46,18 @@ class GatedMLP(nn.Module):
 
 
 class DraftAttention(nn.Module):
-    """Multi-head attention with GQA; ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` as in Llama."""
+    """Multi-head attention with GQA; ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` as in Llama
+    (``config.qkv_bias``: with q/k/v biases, as in Qwen2)."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim ** -0.5
         heads, kv_heads, bias = config.num_attention_heads, config.num_key_value_heads, config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_heads * self.head_dim, bias=bias)
+        qkv_bias = bias or getattr(config, "qkv_bias", False)  # Qwen2: q/k/v with biases, o without
+        self.q_proj = nn.Linear(config.hidden_size, heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(heads * self.head_dim, config.hidden_size, bias=bias)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

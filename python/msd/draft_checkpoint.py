@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 from msd.draft import MSDDraftModel
-from msd.hf_compat import rope_theta_and_scaling
+from msd.hf_compat import mrope_section, rope_theta_and_scaling
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -35,15 +35,27 @@ LAYER_KEYS = (
     "layers.0.post_attention_layernorm.weight",
 )
 REQUIRED_KEYS = frozenset({"fc.weight", "fc.bias", *LAYER_KEYS})
+# A Qwen2 decoder layer (drafts for Qwen2-VL / Qwen2.5-VL targets) also has q/k/v biases.
+QKV_BIAS_KEYS = frozenset(f"layers.0.self_attn.{name}_proj.bias" for name in "qkv")
 OPTIONAL_KEY = "embed_tokens.weight"
 # Buffers some older checkpoints carry; recomputed from the config, so safe to drop.
 DERIVED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
 # config.json flag of a coupled (non-MSD, ablation) draft; absent means decoupled.
 DECOUPLE_VISUAL = "decouple_visual"
+# model_type of the released MSD Qwen2-VL draft (and what a Qwen2.5-VL one would say).
+QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen2")
 
 
 def config_from_dict(raw: dict) -> LlamaConfig:
-    """A one-layer ``LlamaConfig`` from a draft ``config.json`` (MSD or EAGLE flavour)."""
+    """A one-layer ``LlamaConfig`` from a draft ``config.json``: the MSD / EAGLE flavour (flat
+    Llama fields, ``model_type`` ``llava`` or ``llama``) or the released MSD Qwen2-VL one
+    (``model_type`` ``qwen2_vl``: a Qwen2 layer, q/k/v with biases, an ``mrope_section``).
+
+    Two attributes say which: ``qkv_bias`` (Qwen2 layer) and ``mrope_section`` (kept to be
+    written back; the draft itself runs 1-D positions, which M-RoPE with equal axes is).
+    """
+    if "hidden_size" not in raw and isinstance(raw.get("text_config"), dict):  # nested, as newer Qwen configs
+        raw = {**raw["text_config"], "model_type": raw.get("model_type")}
     missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size") if k not in raw]
     if missing:
         raise ValueError(f"draft config.json lacks {', '.join(missing)}")
@@ -51,6 +63,14 @@ def config_from_dict(raw: dict) -> LlamaConfig:
         raise ValueError(f"draft config.json: num_hidden_layers must be 1, got {raw['num_hidden_layers']}")
     if raw.get("hidden_act", "silu") != "silu":
         raise ValueError(f"draft config.json: hidden_act must be silu, got {raw['hidden_act']!r}")
+    qwen = raw.get("model_type") in QWEN_MODEL_TYPES
+    rope_scaling = raw.get("rope_scaling") or raw.get("rope_parameters")
+    mrope_section = None
+    if rope_scaling and "mrope_section" in rope_scaling:
+        # M-RoPE at equal positions on the three axes is plain RoPE: the draft needs no scaling.
+        mrope_section, rope_scaling = list(rope_scaling["mrope_section"]), None
+    if rope_scaling is not None:
+        rope_scaling = {k: v for k, v in rope_scaling.items() if k != "rope_theta"}
     return LlamaConfig(
         hidden_size=raw["hidden_size"],
         intermediate_size=raw["intermediate_size"],
@@ -58,20 +78,27 @@ def config_from_dict(raw: dict) -> LlamaConfig:
         num_key_value_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
         num_hidden_layers=1,
         vocab_size=raw["vocab_size"],
-        rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6 if qwen else 1e-5),
         max_position_embeddings=raw.get("max_position_embeddings", 4096),
-        rope_theta=raw.get("rope_theta", 10000.0),
-        rope_scaling=raw.get("rope_scaling"),
+        rope_theta=raw.get("rope_theta", (rope_scaling or {}).get("rope_theta", 10000.0)),
+        rope_scaling=rope_scaling,
         attention_bias=False,
+        qkv_bias=qwen,
+        mrope_section=mrope_section,
     )
 
 
 def config_to_dict(config: LlamaConfig) -> dict:
-    """The flat ``config.json`` msd writes (EAGLE flavour, ``model_type: llama``)."""
+    """The flat ``config.json`` msd writes: EAGLE flavour (``model_type: llama``), or for a
+    Qwen2 layer the released MSD Qwen2-VL flavour (``model_type: qwen2_vl``, ``mrope_section``)."""
     rope_theta, rope_scaling = rope_theta_and_scaling(config)
+    qwen = getattr(config, "qkv_bias", False)
+    section = getattr(config, "mrope_section", None)
+    if qwen and section is not None:
+        rope_scaling = {"type": "mrope", "mrope_section": section}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+        "model_type": "qwen2_vl" if qwen else "llama",
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
         "num_attention_heads": config.num_attention_heads,
@@ -84,6 +111,24 @@ def config_to_dict(config: LlamaConfig) -> dict:
         "rope_scaling": rope_scaling,
         "hidden_act": "silu",
     }
+
+
+def draft_config_for(target) -> LlamaConfig:
+    """The config of a new draft for ``target``: its text model's width, heads, vocabulary, norm
+    epsilon and RoPE base; a Qwen2 layer (q/k/v biases, the target's ``mrope_section`` kept)
+    for Qwen2-VL / Qwen2.5-VL targets."""
+    text = target.config.get_text_config()
+    rope_theta, rope_scaling = rope_theta_and_scaling(text)
+    raw = {"hidden_size": text.hidden_size, "intermediate_size": text.intermediate_size,
+           "num_attention_heads": text.num_attention_heads,
+           "num_key_value_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+           "vocab_size": text.vocab_size, "rms_norm_eps": text.rms_norm_eps,
+           "max_position_embeddings": text.max_position_embeddings, "rope_theta": rope_theta,
+           "rope_scaling": rope_scaling}
+    if target.config.model_type in QWEN_MODEL_TYPES:
+        raw |= {"model_type": target.config.model_type,
+                "rope_scaling": {"type": "mrope", "mrope_section": mrope_section(text)}}
+    return config_from_dict(raw)
 
 
 def resolve_checkpoint(path_or_id: str | Path) -> Path:
@@ -106,11 +151,12 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"draft: {folder} has neither {SAFETENSORS_FILE} nor {PYTORCH_FILE}")
 
 
-def check_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop derivable buffers; raise on missing or unexpected keys."""
+def check_keys(state: dict[str, torch.Tensor], qkv_bias: bool = False) -> dict[str, torch.Tensor]:
+    """Drop derivable buffers; raise on missing or unexpected keys (``qkv_bias``: a Qwen2 layer)."""
     state = {k: v for k, v in state.items() if not k.endswith(DERIVED_KEY_SUFFIXES)}
-    missing = sorted(REQUIRED_KEYS - state.keys())
-    unexpected = sorted(state.keys() - REQUIRED_KEYS - {OPTIONAL_KEY})
+    required = REQUIRED_KEYS | QKV_BIAS_KEYS if qkv_bias else REQUIRED_KEYS
+    missing = sorted(required - state.keys())
+    unexpected = sorted(state.keys() - required - {OPTIONAL_KEY})
     if missing or unexpected:
         raise ValueError(
             "draft checkpoint does not have the MSD/EAGLE layout: "
@@ -146,7 +192,7 @@ def load_draft(
     folder = resolve_checkpoint(path_or_id)
     raw = json.loads((folder / CONFIG_FILE).read_text())
     config = config_from_dict(raw)
-    state = check_keys(read_state_dict(folder))
+    state = check_keys(read_state_dict(folder), config.qkv_bias)
 
     embed_tokens = lm_head = None
     if target is not None:
@@ -182,8 +228,8 @@ def save_draft(draft: MSDDraftModel, folder: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` in the released layout."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()
-             if k in REQUIRED_KEYS or k == OPTIONAL_KEY}
+    keys = REQUIRED_KEYS | QKV_BIAS_KEYS | {OPTIONAL_KEY}
+    state = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items() if k in keys}
     save_file(state, str(folder / SAFETENSORS_FILE), metadata={"format": "pt"})
     config = config_to_dict(draft.config)
     if not draft.decouple_visual:  # only ablation drafts say so: released configs stay as they are

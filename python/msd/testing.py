@@ -12,18 +12,13 @@ import torch
 from transformers import PreTrainedModel
 
 from msd.draft import MSDDraftModel
-from msd.draft_checkpoint import config_from_dict
+from msd.draft_checkpoint import draft_config_for
 
 
 def random_draft(target: PreTrainedModel, seed: int = 0) -> MSDDraftModel:
     """An untrained MSD draft head of the target's width, sharing its embeddings and head
     (on the target's device, in its dtype)."""
-    text = target.config.text_config
-    config = config_from_dict({
-        "hidden_size": text.hidden_size, "intermediate_size": text.intermediate_size,
-        "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
-        "vocab_size": text.vocab_size,
-    })
+    config = draft_config_for(target)
     torch.manual_seed(seed)
     embeddings = target.get_input_embeddings()
     with torch.device(embeddings.weight.device):  # a 7B-wide layer: initialise it where it will run

@@ -6,11 +6,15 @@ from torch import nn
 
 from msd.targets.base import PromptInputs, TargetAdapter
 from msd.targets.llava import LlavaAdapter
+from msd.targets.qwen2_vl import Qwen2VLAdapter
 
 # config.model_type -> adapter.
 ADAPTERS: dict[str, type[TargetAdapter]] = {
     "llava": LlavaAdapter,
     "llava_next": LlavaAdapter,
+    "llava_onevision": LlavaAdapter,  # Qwen2 text, 1-D RoPE: LLaVA's adapter as it is
+    "qwen2_vl": Qwen2VLAdapter,
+    "qwen2_5_vl": Qwen2VLAdapter,
 }
 
 
@@ -23,4 +27,4 @@ def adapter_for(model: nn.Module) -> TargetAdapter:
     return ADAPTERS[model_type](model)
 
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "PromptInputs", "TargetAdapter", "adapter_for"]
+__all__ = ["ADAPTERS", "LlavaAdapter", "PromptInputs", "Qwen2VLAdapter", "TargetAdapter", "adapter_for"]

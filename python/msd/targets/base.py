@@ -9,6 +9,7 @@ model's door (:func:`capture_text_model_inputs`), before any text layer runs.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -46,22 +47,39 @@ def capture_text_model_inputs(model: nn.Module, text_model: nn.Module, **model_i
     return captured
 
 
+# Forward arguments msd sets itself (or that make no sense for generation); the target's other
+# named forward arguments are the multimodal inputs generate() passes on (pixel_values, ...).
+_ENGINE_OWNED = frozenset({
+    "self", "input_ids", "attention_mask", "position_ids", "past_key_values", "cache", "inputs_embeds", "labels",
+    "use_cache", "logits_to_keep", "cache_position", "output_attentions", "output_hidden_states", "return_dict",
+    "rope_deltas", "mm_encoder_outputs", "kwargs",
+})
+
+
+def model_input_names(model: nn.Module) -> tuple[str, ...]:
+    """The multimodal inputs ``model``'s forward takes by name (``pixel_values``, ``image_sizes``,
+    ``image_grid_thw``, ...): what its ``generate`` accepts besides ``input_ids`` / ``attention_mask``."""
+    return tuple(name for name in inspect.signature(model.forward).parameters if name not in _ENGINE_OWNED)
+
+
 @dataclass
 class PromptInputs:
     """The text model's inputs for a prompt of ``L`` tokens, as the target's forward built them."""
 
     embeds: torch.Tensor  # [B, L, H] token embeddings, visual features spliced in
     position_ids: torch.Tensor  # what the adapter's rotary takes: [B, L], or [3, B, L] for M-RoPE
-    rope_delta: torch.Tensor  # [B] int64: position of a later token = its plain index + rope_delta
+    # int64, what :meth:`TargetAdapter.positions` adds to a later token's plain index: [B] for
+    # 1-D positions (zeros), [3, B] for M-RoPE (one offset per axis).
+    rope_delta: torch.Tensor
 
 
 class TargetAdapter:
     """Base of the per-family adapters: the text model's modules and the decoder over them.
 
     Subclasses set :attr:`visual_inputs` (placeholder id -> the input that carries its
-    pixels), :attr:`input_names` (the multimodal inputs ``generate`` takes besides
-    ``input_ids`` / ``attention_mask``) and implement :meth:`rotary`, :meth:`prompt_inputs`
-    and :meth:`positions`.
+    pixels) and implement :meth:`rotary`, :meth:`prompt_inputs` and :meth:`positions`.
+    :attr:`input_names` are the multimodal inputs ``generate`` takes besides ``input_ids`` /
+    ``attention_mask``: the target's named forward arguments (:func:`model_input_names`).
     """
 
     family: str = ""
@@ -77,7 +95,7 @@ class TargetAdapter:
         self.embed_tokens = model.get_input_embeddings()
         self.lm_head = model.get_output_embeddings()
         self.visual_inputs: dict[int, str] = {}
-        self.input_names: tuple[str, ...] = ()
+        self.input_names = model_input_names(model)
 
     # ------------------------------------------------------------------ per family
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

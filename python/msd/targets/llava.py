@@ -20,9 +20,8 @@ class LlavaAdapter(TargetAdapter):
     def __init__(self, model: nn.Module):
         super().__init__(model, model.model.language_model)
         self.visual_inputs = {model.config.image_token_id: "pixel_values"}
-        self.input_names = ("pixel_values",)
-        if "Next" in type(model).__name__:
-            self.input_names += ("image_sizes",)
+        if getattr(model.config, "video_token_id", None) is not None:  # LLaVA-OneVision
+            self.visual_inputs[model.config.video_token_id] = "pixel_values_videos"
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.text_model.rotary_emb(hidden, position_ids)

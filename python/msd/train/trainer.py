@@ -57,8 +57,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from msd.draft import MSDDraftModel
 from msd.draft_checkpoint import (
     check_keys,
-    config_from_dict,
-    config_to_dict,
+    draft_config_for,
     load_draft,
     read_state_dict,
     save_draft,
@@ -355,7 +354,7 @@ class DraftTrainingForward(nn.Module):
 def _fresh_draft(target, seed: int, decouple_visual: bool) -> MSDDraftModel:
     """A new float32 draft of the target's width: random fc/layer (seeded), a frozen float32
     copy of the target's embeddings (never the target's own module, which stays untouched)."""
-    config = config_from_dict(config_to_dict(target.config.text_config))
+    config = draft_config_for(target)
     weight = target.get_input_embeddings().weight.detach().to(torch.float32).clone()
     torch.manual_seed(seed)
     return MSDDraftModel(config, nn.Embedding.from_pretrained(weight, freeze=True), decouple_visual=decouple_visual)
@@ -586,7 +585,7 @@ class _Run:
             if state["config"][key] != getattr(self.config, key):
                 raise ValueError(f"resume: the checkpoint was trained with {key}={state['config'][key]}, "
                                  f"this run has {getattr(self.config, key)}")
-        weights = check_keys(read_state_dict(folder))
+        weights = check_keys(read_state_dict(folder), self.draft.config.qkv_bias)
         if self.config.fsdp:
             from torch.distributed.fsdp import FullyShardedDataParallel
 
