@@ -16,8 +16,9 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
-from msd.cli import encode_prompt, main
+from msd.cli import main
 from msd.draft_checkpoint import save_draft
+from msd.prompts import encode_prompt
 
 import tiny_models
 from tiny_models import IMAGE_SIZE, IMAGE_TOKEN, PATCH, random_draft, tiny_llava

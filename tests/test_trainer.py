@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from msd.cli import encode_prompt, main
+from msd.cli import main
 from msd.draft_checkpoint import load_draft, read_state_dict
 from msd.engine import SpeculativeLLaVA
+from msd.prompts import encode_prompt
 from msd.train.curriculum import multimodal_probability
 from msd.train.trainer import METRICS_FILE, TrainConfig, last_checkpoint, train
 

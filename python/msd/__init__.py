@@ -1,7 +1,8 @@
-"""msd: Multimodal Speculative Decoding for LLaVA-style models.
+"""msd: Multimodal Speculative Decoding for vision-language models.
 
-The kernels live in :mod:`msd_kernels`; the engine (``SpeculativeLLaVA``), the draft
-model and training arrive in this package.
+The kernels live in :mod:`msd_kernels`; this package holds the engine (``SpeculativeLLaVA``,
+also reachable as the family-neutral ``SpeculativeVLM``: LLaVA, LLaVA-NeXT, LLaVA-OneVision,
+Qwen2-VL and Qwen2.5-VL targets), the draft model and its checkpoints, and training.
 """
 
 __version__ = "0.1.0"
@@ -10,4 +11,7 @@ from msd.draft import MSDDraftModel  # noqa: E402
 from msd.draft_checkpoint import load_draft, save_draft  # noqa: E402
 from msd.engine import GenerationStats, SpeculativeLLaVA  # noqa: E402
 
-__all__ = ["GenerationStats", "MSDDraftModel", "SpeculativeLLaVA", "load_draft", "save_draft"]
+# The name users know stays; this one says what it serves.
+SpeculativeVLM = SpeculativeLLaVA
+
+__all__ = ["GenerationStats", "MSDDraftModel", "SpeculativeLLaVA", "SpeculativeVLM", "load_draft", "save_draft"]

@@ -23,15 +23,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreame
 
 from msd.demo.world import DEFAULT_QUESTION
 from msd.engine import SpeculativeLLaVA
+from msd.errors import UserError
+from msd.prompts import encode_prompt
 from msd.train.trainer import TrainConfig, train, write_features
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# The LLaVA-1.5 conversation format, for processors that ship no chat template.
-PLAIN_TEMPLATE = "USER: {images}{prompt} ASSISTANT:"
-
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, without a traceback."""
 
 
 # ---------------------------------------------------------------------- argument types
@@ -158,17 +154,6 @@ def open_image(path: Path):
         raise UserError(f"cannot read image {path}: {exc.strerror or exc}") from None
 
 
-def encode_prompt(processor, prompt: str, images: list):
-    """Model inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...) for one user turn
-    holding ``images`` then ``prompt``, in the processor's chat template when it has one."""
-    if getattr(processor, "chat_template", None) is not None:
-        content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": prompt}]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=True, return_tensors="pt")
-    text = PLAIN_TEMPLATE.format(images=f"{processor.image_token}\n" * len(images), prompt=prompt)
-    return processor(images=images or None, text=text, return_tensors="pt")
-
-
 def generation_options(args: argparse.Namespace) -> dict:
     """``generate`` keyword arguments from the command line (sampling options only when sampling)."""
     options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
@@ -282,7 +267,7 @@ def add_demo_command(subcommands) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    """Run ``msd demo`` (:mod:`msd.demo.run`, imported here since it imports this module)."""
+    """Run ``msd demo`` (:mod:`msd.demo.run`, imported here: only the demo needs it)."""
     from msd.demo.run import run_demo as demo
 
     demo(args)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from msd.cli import encode_prompt
 from msd.demo.world import DEFAULT_QUESTION, describe, held_out_scene, load_scenes, read_description, render, scene_qa
+from msd.prompts import encode_prompt
 from msd.train.evaluation import greedy_tau  # noqa: F401 - re-exported: the learning test and ablation score with it
 
 

@@ -27,7 +27,6 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration, TextStreamer
 from transformers.utils import logging as transformers_logging
 
-from msd.cli import UserError, encode_prompt
 from msd.demo.evaluate import DescriptionScore, score_descriptions
 from msd.demo.target import MAX_LENGTH, TargetRecipe, train_target
 from msd.demo.tokenizer import build_processor
@@ -43,6 +42,8 @@ from msd.demo.world import (
     render,
 )
 from msd.engine import SpeculativeLLaVA
+from msd.errors import UserError
+from msd.prompts import encode_prompt
 
 DEMO_VERSION = "v2"  # bump when a recipe changes, so that old caches are not reused
 MARKER = "complete.json"
