@@ -10,7 +10,7 @@ Two modes:
 * ``controlled``: the draft's proposals are the target's own greedy continuation,
   corrupted at a rate chosen for each requested acceptance length tau
   (``msd.testing.ControlledProposals``), so speedup against tau shows what the engine
-  costs apart from draft quality. The draft head still runs; the proposal hook's own
+  costs apart from draft quality. The draft head still runs; the controlled proposer's own
   (host-side) time is measured and also reported subtracted.
 
 Models are built from configs with random weights (``--preset``), so no download is
@@ -202,22 +202,6 @@ def engine_generate(engine: msd.SpeculativeLLaVA, prompt: dict, device: torch.de
                  prompt["input_ids"].shape[1], lambda _: engine.last_stats.tau)
 
 
-class TimedHook:
-    """Wraps a proposal hook and accumulates its wall time (synchronized on both sides, so
-    the draft's pending GPU work is not counted as the hook's)."""
-
-    def __init__(self, hook, device: torch.device):
-        self.hook, self.device, self.seconds = hook, device, 0.0
-
-    def __call__(self, *args):
-        synchronize(self.device)
-        started = time.perf_counter()
-        proposals = self.hook(*args)
-        synchronize(self.device)
-        self.seconds += time.perf_counter() - started
-        return proposals
-
-
 def expected_tau(corruption: float, max_path: int) -> float:
     """Mean tokens per step when each of up to ``max_path`` draft tokens survives with
     probability ``1 - corruption`` given its parent did, plus the bonus token."""
@@ -296,10 +280,10 @@ def run_controlled(args, target, draft, prompts, device) -> tuple[list[dict], li
     levels = {f"SpeculativeLLaVA tau~{tau:g}": (tau, corruption_for_tau(tau, args.depth + 1)) for tau in args.taus}
 
     def controlled(prompt: dict, reference: Run, corruption: float, seed: int) -> tuple[Run, float]:
-        hook = TimedHook(ControlledProposals(reference.tokens, corruption, seed), device)
+        proposer = ControlledProposals(reference.tokens, corruption, seed)
         engine = msd.SpeculativeLLaVA(target, draft, top_k=args.top_k, depth=args.depth,
-                                      total_tokens=args.total_tokens, proposal_hook=hook)
-        return engine_generate(engine, prompt, device, args.max_new_tokens), hook.seconds
+                                      total_tokens=args.total_tokens, proposer=proposer)
+        return engine_generate(engine, prompt, device, args.max_new_tokens), proposer.seconds
 
     for _ in range(args.warmup):
         controlled(prompts[0], hf_generate(target, prompts[0], device, args.max_new_tokens), 0.0, 0)

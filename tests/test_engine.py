@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 import msd
 from msd.draft_checkpoint import save_draft
+from msd.tree_draft import TreeDrafter
 
 from oracle import assert_matches_distribution, assert_same_greedy, exact_two_token_distribution
 from tiny_models import (
@@ -84,10 +85,10 @@ def hf_greedy(target, inputs, **kwargs) -> torch.Tensor:
                            **kwargs)
 
 
-def engine_for(target, tree="small", proposal_hook=None) -> msd.SpeculativeLLaVA:
+def engine_for(target, tree="small", proposer=None) -> msd.SpeculativeLLaVA:
     top_k, depth, total = TREES[tree]
     return msd.SpeculativeLLaVA(target, random_draft(target), top_k=top_k, depth=depth, total_tokens=total,
-                                proposal_hook=proposal_hook)
+                                proposer=proposer)
 
 
 # 3 targets x 3 prompts x 2 trees x 3 drafts = 54 greedy cases.
@@ -284,7 +285,7 @@ def write_released_draft(folder, target, vocab_size: int = PREFIX_VOCAB, hidden:
     return folder
 
 
-def test_released_draft_with_a_prefix_vocabulary_is_lossless(targets, tmp_path):
+def test_released_draft_with_a_prefix_vocabulary_is_lossless(targets, tmp_path, monkeypatch):
     """Loaded through from_pretrained like a user's llava-hf target and released draft: greedy
     output equals the target's own; the draft never proposes an id it has no row for."""
     target = targets["llava-gqa"]
@@ -294,8 +295,14 @@ def test_released_draft_with_a_prefix_vocabulary_is_lossless(targets, tmp_path):
                                                   total_tokens=16, dtype=target.dtype, device=target.device)
     assert engine.draft.config.vocab_size == PREFIX_VOCAB
     proposed = []
-    verify = engine._verify
-    engine._verify = lambda tree, *args: (proposed.append(tree.tokens[:, 1:].clone()), verify(tree, *args))[1]
+    build = TreeDrafter.build
+
+    def recording_build(drafter, *args):
+        tree = build(drafter, *args)
+        proposed.append(tree.tokens[:, 1:].clone())
+        return tree
+
+    monkeypatch.setattr(TreeDrafter, "build", recording_build)
     for num_images, seed in ((2, 0), (1, 3), (0, 5)):
         inputs = make_prompt(engine.target, num_images, seed=seed)
         assert bool((inputs["input_ids"] >= PREFIX_VOCAB).any())  # text ids past the draft's vocabulary
@@ -372,10 +379,19 @@ def test_draft_width_must_match_target(targets):
             wide.config.__class__(**{**wide.config.to_dict(), "hidden_size": 128})))
 
 
-def test_batch_larger_than_one_is_not_implemented_yet(targets):
-    with pytest.raises(NotImplementedError, match="batch"):
+def test_streamer_with_a_batch_is_refused(targets):
+    with pytest.raises(ValueError, match="streamer"):
         engine_for(targets["llava"]).generate(input_ids=torch.full((2, 6), 5, device=targets["llava"].device),
-                                              max_new_tokens=4)
+                                              max_new_tokens=4, streamer=RecordingStreamer())
+
+
+def test_right_padding_is_refused(targets):
+    target = targets["llava"]
+    input_ids = torch.full((2, 6), 5, device=target.device)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -2:] = 0
+    with pytest.raises(ValueError, match="left-padded"):
+        engine_for(target).generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4)
 
 
 @pytest.mark.parametrize("option", [dict(num_beams=2), dict(repetition_penalty=1.2)])

@@ -80,10 +80,10 @@ def hf_greedy(target, inputs, max_new_tokens=MAX_NEW, **kwargs) -> torch.Tensor:
     return target.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, **kwargs)
 
 
-def engine_for(target, tree="small", proposal_hook=None, draft=None) -> msd.SpeculativeLLaVA:
+def engine_for(target, tree="small", proposer=None, draft=None) -> msd.SpeculativeLLaVA:
     top_k, depth, total = TREES[tree]
     return msd.SpeculativeLLaVA(target, draft or random_draft(target), top_k=top_k, depth=depth,
-                                total_tokens=total, proposal_hook=proposal_hook)
+                                total_tokens=total, proposer=proposer)
 
 
 # --------------------------------------------------------------------------- the decoder
@@ -105,7 +105,7 @@ def test_decoder_logits_equal_the_targets_forward(targets, family, prompt):
     with torch.no_grad():
         expected_prefill = target(**inputs).logits[0].float()
         generated = hf_greedy(target, inputs, max_new_tokens=4, output_logits=True, return_dict_in_generate=True)
-        prompt_inputs = adapter.prompt_inputs(inputs["input_ids"], inputs.get("attention_mask"), **model_inputs)
+        prompt_inputs = adapter.prompt_rows(inputs["input_ids"], inputs.get("attention_mask"), **model_inputs)[0]
         cache = adapter.new_cache(1, length + 4)
         hidden = adapter.decoder(prompt_inputs.embeds, prompt_inputs.position_ids, cache)
         cache.advance(length)

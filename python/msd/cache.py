@@ -30,6 +30,26 @@ class StaticKVCache:
         # Rows past prefix_len where the next chunk goes (the draft's tree levels stack up).
         self.write_offset = 0
 
+    @classmethod
+    def _view(cls, kv: torch.Tensor, prefix_len: torch.Tensor) -> StaticKVCache:
+        cache = cls.__new__(cls)
+        cache.kv, cache.prefix_len, cache.write_offset = kv, prefix_len, 0
+        return cache
+
+    @property
+    def batch(self) -> int:
+        return self.kv.shape[1]
+
+    def row(self, index: int) -> StaticKVCache:
+        """Sequence ``index`` alone: a cache of batch 1 whose rows and length are views of this
+        one's (what is written through it lands here)."""
+        return self._view(self.kv[:, index:index + 1], self.prefix_len[index:index + 1])
+
+    def reset(self) -> None:
+        """Forget every row (the buffers stay: a new generation reuses them)."""
+        self.prefix_len.zero_()
+        self.write_offset = 0
+
     @property
     def max_len(self) -> int:
         return self.kv.shape[3]

@@ -1,12 +1,14 @@
 """Stand-ins for a trained draft, shared by the tests and the end-to-end benchmark.
 
 ``random_draft`` gives an untrained draft head of the right shape; ``ControlledProposals``
-replaces its proposals (through ``SpeculativeLLaVA(proposal_hook=...)``) with the target's
+replaces its proposals (through ``SpeculativeLLaVA(proposer=...)``) with the target's
 own continuation, corrupted at a chosen rate, so that the acceptance length is set by hand
 while the whole engine (draft forwards included) still runs.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from transformers import PreTrainedModel
@@ -27,25 +29,50 @@ def random_draft(target: PreTrainedModel, seed: int = 0) -> MSDDraftModel:
 
 
 class ControlledProposals:
-    """Proposal hook: propose the target's own greedy continuation ``reference`` (prompt +
-    new tokens), except that with probability ``corruption`` a node's true next token is
-    removed from its proposals; other proposals are random. Each draft token is then
-    accepted with probability ``1 - corruption`` given its parent was, which makes every
-    acceptance length happen while exercising the whole engine."""
+    """A proposer (:mod:`msd.proposers`): propose the target's own greedy continuation
+    ``reference`` (prompt + new tokens; one list per sequence of the batch, or one list for a
+    batch of one), except that with probability ``corruption`` a node's true next token is
+    removed from its proposals; other proposals are random. Each draft token is then accepted
+    with probability ``1 - corruption`` given its parent was, which makes every acceptance
+    length happen while exercising the whole engine (the draft head still runs)."""
 
-    def __init__(self, reference: list[int], corruption: float, seed: int = 0):
-        self.reference, self.corruption = reference, corruption
+    def __init__(self, reference: list[int] | list[list[int]], corruption: float, seed: int = 0):
+        rows = [reference] if reference and isinstance(reference[0], int) else reference
+        width = max(len(row) for row in rows)
+        self.reference = torch.tensor([list(row) + [-1] * (width - len(row)) for row in rows])  # [B, N], -1 pad
+        self.corruption = corruption
         self.generator = torch.Generator().manual_seed(seed)
+        self.seconds = 0.0  # time spent planting proposals (the draft's own logits not included)
 
-    def __call__(self, emitted: torch.Tensor, paths: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        proposals = torch.randn(logits.shape, generator=self.generator)
-        # One device-to-host copy each, rather than one per node.
-        emitted_rows, path_rows = emitted.tolist(), paths[:, :, 1:].tolist()
-        for b, (prefix, node_paths) in enumerate(zip(emitted_rows, path_rows)):
-            for node, path in enumerate(node_paths):
-                sequence = prefix + path
-                if len(sequence) >= len(self.reference) or self.reference[: len(sequence)] != sequence:
-                    continue
-                corrupt = torch.rand((), generator=self.generator) < self.corruption
-                proposals[b, node, self.reference[len(sequence)]] = -100.0 if corrupt else 100.0
-        return proposals.to(logits)
+    def __call__(self, draft: MSDDraftModel, hidden: torch.Tensor, paths: torch.Tensor,
+                 start: torch.Tensor) -> torch.Tensor:
+        logits = draft.compute_logits(hidden)
+        _synchronize(logits.device)
+        started = time.perf_counter()
+        proposals = self._plant(logits, paths, start)
+        _synchronize(logits.device)
+        self.seconds += time.perf_counter() - started
+        return proposals
+
+    def _plant(self, logits: torch.Tensor, paths: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        batch, nodes, vocab = logits.shape
+        device = logits.device
+        reference = self.reference.to(device)
+        length = paths.shape[2]  # root + the node's ancestors + the node
+        index = start.unsqueeze(1) + torch.arange(length + 1, device=device)  # the path's places, then the next
+        known = index < reference.shape[1]
+        sequence = torch.where(known, reference.gather(1, index.clamp(max=reference.shape[1] - 1)), -1)
+        true_next = sequence[:, length]  # [B]
+        on_reference = (paths == sequence[:, None, :length]).all(-1) & ((true_next >= 0) & (true_next < vocab))[:, None]
+        proposals = torch.randn(logits.shape, generator=self.generator).to(device)
+        corrupt = (torch.rand(batch, nodes, generator=self.generator) < self.corruption).to(device)
+        planted = torch.where(corrupt, -100.0, 100.0)
+        column = true_next.clamp(0, vocab - 1).view(batch, 1, 1).expand(batch, nodes, 1)
+        current = proposals.gather(2, column).squeeze(2)
+        proposals.scatter_(2, column, torch.where(on_reference, planted, current).unsqueeze(2))
+        return proposals.to(logits.dtype)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,14 +1,17 @@
 """Growing the EAGLE-2 dynamic draft tree with the MSD draft head (MSD_SPEC.md 3.2).
 
-The draft keeps its own static K/V cache. Committed pairs ``(f_j, x_{j+1})`` sit at
-rows ``0 .. draft_len - 1``; while a tree grows, expansion step ``d`` writes its ``top_k``
-frontier nodes at rows ``draft_len + d * top_k + i`` (scratch, overwritten by the next
-commit). A frontier node sees the committed rows, its ancestors' rows and its own.
+The draft keeps its own static K/V cache. Committed pairs ``(f_j, x_{j+1})`` of sequence b
+sit at rows ``0 .. draft_len[b] - 1``; while a tree grows, expansion step ``d`` writes its
+``top_k`` frontier nodes at rows ``draft_len + d * top_k + i`` (scratch, overwritten by the
+next commit). A frontier node sees the committed rows, its ancestors' rows and its own.
+
+Every shape is fixed by (batch, top_k, depth, tree size): the commit of a step's accepted
+pairs has the fixed width ``depth + 2`` with per-sequence counts, and the lengths live in
+device tensors, so a whole decoding step runs without host synchronisation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,10 +19,7 @@ import torch
 import msd_kernels
 from msd.cache import StaticKVCache
 from msd.draft import MSDDraftModel
-
-# Test seam: (emitted tokens [B, N], root-to-frontier paths [B, n, d], draft logits
-# [B, n, V]) -> the logits to expand instead. Lets tests plant known continuations.
-ProposalHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from msd.proposers import DraftProposer, Proposer
 
 
 def gather_rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -41,81 +41,91 @@ class DraftTree:
 
 
 class TreeDrafter:
-    """Drafts trees of ``num_nodes`` nodes from ``depth`` expansion steps of ``top_k``."""
+    """Drafts trees of ``num_nodes`` nodes from ``depth`` expansion steps of ``top_k``, for
+    ``cache.batch`` sequences; the candidate pool and the root states are allocated once."""
 
     def __init__(self, draft: MSDDraftModel, cache: StaticKVCache, top_k: int, depth: int, num_nodes: int,
-                 proposal_hook: ProposalHook | None = None):
+                 proposer: Proposer | None = None):
         self.draft, self.cache = draft, cache
         self.top_k, self.depth, self.num_nodes = top_k, depth, num_nodes
-        self.proposal_hook = proposal_hook
-        self.root_hidden: torch.Tensor | None = None  # [B, 1, H] draft output at the root pair
+        self.proposer = proposer or DraftProposer()
+        device, batch = cache.kv.device, cache.batch
+        # Every build rewrites all pool slots (k + depth * k * k), so the pool needs no reset.
+        self.pool = msd_kernels.new_tree_pool(batch, top_k, depth, device)
+        self.root_hidden = torch.zeros(batch, 1, draft.config.hidden_size, dtype=draft.fc.weight.dtype,
+                                       device=device)  # draft output at each sequence's last committed pair
 
-    def _forward(self, inputs: torch.Tensor, positions: torch.Tensor, **masks) -> torch.Tensor:
-        return self.draft(inputs, positions, cache=self.cache, **masks)
+    def _forward(self, inputs: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache, **masks):
+        return self.draft(inputs, positions, cache=cache, **masks)
 
-    def commit(self, input_ids: torch.Tensor, features: torch.Tensor,
-               visual_embeds: torch.Tensor | None = None, visual_mask: torch.Tensor | None = None) -> None:
-        """Append pairs ``(features[:, j], input_ids[:, j])`` (``[B, n, H]``, ``[B, n]``)
-        to the draft cache; the last one's output becomes the next tree's root."""
-        inputs = self.draft.fuse_inputs(input_ids, features, visual_embeds, visual_mask)
-        positions = self.cache.prefix_len.long().unsqueeze(1) + torch.arange(input_ids.shape[1], device=inputs.device)
-        self.cache.write_offset = 0
-        hidden = self._forward(inputs, positions)
-        self.cache.advance(input_ids.shape[1])
-        self.root_hidden = hidden[:, -1:]
-
-    def commit_prompt(self, input_ids: torch.Tensor, first_token: torch.Tensor, hidden: torch.Tensor,
+    def commit_prompt(self, row: int, input_ids: torch.Tensor, first_token: torch.Tensor, hidden: torch.Tensor,
                       embeds: torch.Tensor, visual_mask: torch.Tensor) -> None:
-        """The prompt's pairs after the target's prefill: position j pairs feature ``f_j``
-        (``hidden`` ``[B, L, H]``) with the next input ``x_{j+1}``, the last one with the
-        first generated token ``[B]``. Visual positions (``visual_mask`` ``[B, L]``) take the
-        raw visual embedding (``embeds``: the target's input embeddings, visuals spliced in)."""
+        """Sequence ``row``'s prompt pairs after the target's prefill, written from row 0 of its
+        draft cache: position j pairs feature ``f_j`` (``hidden`` ``[1, L, H]``) with the next
+        input ``x_{j+1}`` (``input_ids`` ``[1, L]``), the last one with the first generated token
+        ``[1]``. Visual positions (``visual_mask`` ``[1, L]``) take the raw visual embedding
+        (``embeds``: the target's input embeddings, visuals spliced in)."""
         next_ids = torch.cat([input_ids[:, 1:], first_token[:, None]], 1)
         no_image = torch.zeros_like(input_ids[:, :1], dtype=torch.bool)
         visual_mask = torch.cat([visual_mask[:, 1:], no_image], 1)
         visual_embeds = torch.cat([embeds[:, 1:], torch.zeros_like(embeds[:, :1])], 1)
-        self.commit(next_ids, hidden, visual_embeds, visual_mask)
+        inputs = self.draft.fuse_inputs(next_ids, hidden, visual_embeds, visual_mask)
+        cache = self.cache.row(row)
+        cache.prefix_len.zero_()
+        positions = torch.arange(next_ids.shape[1], device=inputs.device)[None]
+        out = self._forward(inputs, positions, cache)
+        cache.advance(next_ids.shape[1])
+        self.root_hidden[row] = out[0, -1:]
 
-    def build(self, root_token: torch.Tensor, emitted: torch.Tensor | None = None) -> DraftTree:
-        """Draft a tree under ``root_token`` ``[B]`` (the last emitted token)."""
+    def commit(self, input_ids: torch.Tensor, features: torch.Tensor, count: torch.Tensor) -> None:
+        """Append each sequence's first ``count[b]`` pairs ``(features[b, j], input_ids[b, j])``
+        (``[B, W, H]``, ``[B, W]``; ``count`` ``[B]`` int64, 0 for none) to the draft cache; the
+        last one's output becomes the next tree's root. The pairs past ``count`` are computed
+        with the rest (fixed width) and land past the new length, where nothing reads them."""
+        inputs = self.draft.fuse_inputs(input_ids, features)
+        positions = self.cache.prefix_len.long().unsqueeze(1) + torch.arange(input_ids.shape[1], device=inputs.device)
+        self.cache.write_offset = 0
+        hidden = self._forward(inputs, positions, self.cache)
+        last = gather_rows(hidden, (count - 1).clamp(min=0).unsqueeze(1))  # [B, 1, H]
+        self.root_hidden.copy_(torch.where((count > 0).view(-1, 1, 1), last, self.root_hidden))
+        self.cache.advance(count.to(self.cache.prefix_len.dtype))
+
+    def build(self, root_token: torch.Tensor, start: torch.Tensor) -> DraftTree:
+        """Draft a tree under ``root_token`` ``[B]`` (the last emitted token), which sits at index
+        ``start`` ``[B]`` of its sequence."""
         batch, k = root_token.shape[0], self.top_k
         device = root_token.device
-        pool = msd_kernels.new_tree_pool(batch, k, self.depth, device)
         draft_len = self.cache.prefix_len.long()  # [B]
         cols = torch.arange(self.cache.max_len, device=device)
         committed = cols < draft_len[:, None]  # [B, S_max]
+        scratch = cols - draft_len[:, None]  # [B, S_max] index among the scratch rows
+        in_scratch = (scratch >= 0) & (scratch < self.depth * k)
 
         paths = root_token.view(batch, 1, 1)
-        logits = self._proposals(emitted, paths, self.draft.compute_logits(self.root_hidden))
+        logits = self.proposer(self.draft, self.root_hidden, paths, start)
         frontier = msd_kernels.tree_expand(
             logits, torch.zeros(batch, 1, device=device), torch.full((batch, 1), -1, device=device),
-            *pool, 0, k,
+            *self.pool, 0, k,
         )
         parent_rows = torch.zeros(batch, k, dtype=torch.long, device=device)
         parent_hidden = self.root_hidden
-        ancestors = torch.zeros(batch, 1, self.cache.max_len, dtype=torch.bool, device=device)
+        # ancestors[b, i, j]: scratch row j is node i of the current level or one of its ancestors.
+        ancestors = torch.zeros(batch, 1, self.depth * k, dtype=torch.bool, device=device)
+        own = torch.eye(self.depth * k, dtype=torch.bool, device=device)  # row r: scratch row r alone
         for step in range(self.depth):
             tokens, scores, pool_index = frontier
-            if self.proposal_hook is not None:
-                paths = torch.cat([gather_rows(paths, parent_rows), tokens.unsqueeze(-1)], dim=2)
-            # Each node: its parent's ancestors plus its own row.
-            own_rows = draft_len[:, None] + step * k + torch.arange(k, device=device)  # [B, k]
-            ancestors = gather_rows(ancestors, parent_rows)
-            ancestors = ancestors | (cols == own_rows.unsqueeze(-1))
-            hidden_of_parent = gather_rows(parent_hidden, parent_rows)
-            inputs = self.draft.fuse_inputs(tokens, hidden_of_parent)
+            paths = torch.cat([gather_rows(paths, parent_rows), tokens.unsqueeze(-1)], dim=2)
+            ancestors = gather_rows(ancestors, parent_rows) | own[step * k:(step + 1) * k]
+            visible = committed[:, None] | (in_scratch[:, None] & ancestors.gather(
+                2, scratch.clamp(0, self.depth * k - 1)[:, None].expand(batch, k, -1)))
+            inputs = self.draft.fuse_inputs(tokens, gather_rows(parent_hidden, parent_rows))
             self.cache.write_offset = step * k
-            hidden = self._forward(inputs, draft_len[:, None] + step + torch.zeros_like(tokens),
-                                   dense_mask=committed[:, None] | ancestors)
+            hidden = self._forward(inputs, draft_len[:, None] + step + torch.zeros_like(tokens), self.cache,
+                                   dense_mask=visible)
             offset = msd_kernels.pool_size(k, step)
-            logits = self._proposals(emitted, paths, self.draft.compute_logits(hidden))
-            frontier = msd_kernels.tree_expand(logits, scores, pool_index, *pool, offset, k)
+            logits = self.proposer(self.draft, hidden, paths, start)
+            frontier = msd_kernels.tree_expand(logits, scores, pool_index, *self.pool, offset, k)
             parent_rows = torch.div(frontier[2] - offset, k, rounding_mode="floor")
             parent_hidden = hidden
         self.cache.write_offset = 0
-        return DraftTree(*msd_kernels.tree_assemble(*pool, root_token, self.num_nodes))
-
-    def _proposals(self, emitted, paths, logits):
-        if self.proposal_hook is None:
-            return logits
-        return self.proposal_hook(emitted, paths, logits)
+        return DraftTree(*msd_kernels.tree_assemble(*self.pool, root_token, self.num_nodes))

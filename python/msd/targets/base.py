@@ -64,12 +64,12 @@ def model_input_names(model: nn.Module) -> tuple[str, ...]:
 
 @dataclass
 class PromptInputs:
-    """The text model's inputs for a prompt of ``L`` tokens, as the target's forward built them."""
+    """The text model's inputs for one prompt of ``L`` tokens, as the target's forward built them."""
 
-    embeds: torch.Tensor  # [B, L, H] token embeddings, visual features spliced in
-    position_ids: torch.Tensor  # what the adapter's rotary takes: [B, L], or [3, B, L] for M-RoPE
-    # int64, what :meth:`TargetAdapter.positions` adds to a later token's plain index: [B] for
-    # 1-D positions (zeros), [3, B] for M-RoPE (one offset per axis).
+    embeds: torch.Tensor  # [1, L, H] token embeddings, visual features spliced in
+    position_ids: torch.Tensor  # what the adapter's rotary takes: [1, L], or [3, 1, L] for M-RoPE
+    # int64, what :meth:`TargetAdapter.positions` adds to a later token's plain index: [1] for
+    # 1-D positions (zeros), [3, 1] for M-RoPE (one offset per axis).
     rope_delta: torch.Tensor
 
 
@@ -77,12 +77,13 @@ class TargetAdapter:
     """Base of the per-family adapters: the text model's modules and the decoder over them.
 
     Subclasses set :attr:`visual_inputs` (placeholder id -> the input that carries its
-    pixels) and implement :meth:`rotary`, :meth:`prompt_inputs` and :meth:`positions`.
+    pixels) and implement :meth:`rotary`, :meth:`row_inputs` and :meth:`positions`.
     :attr:`input_names` are the multimodal inputs ``generate`` takes besides ``input_ids`` /
     ``attention_mask``: the target's named forward arguments (:func:`model_input_names`).
     """
 
     family: str = ""
+    rope_axes: int = 1  # position axes of the rotary embedding (3 for M-RoPE)
 
     def __init__(self, model: nn.Module, text_model: nn.Module):
         self.model, self.text_model = model, text_model
@@ -102,9 +103,20 @@ class TargetAdapter:
         """cos / sin ``[B, Q, D]`` at ``position_ids`` (as :meth:`positions` makes them)."""
         raise NotImplementedError
 
-    def prompt_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      **visual_inputs) -> PromptInputs:
-        """The text model's inputs for the prompt, from the model's own forward."""
+    def prompt_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    **visual_inputs) -> list[PromptInputs]:
+        """The text model's inputs for each prompt of the batch, without its padding (batch 1
+        each), from one call of the model's own forward on the whole batch. Prompts are
+        left-padded, as processors pad for generation."""
+        captured = capture_text_model_inputs(self.model, self.text_model, input_ids=input_ids,
+                                             attention_mask=attention_mask, use_cache=False, **visual_inputs)
+        lengths = (attention_mask.sum(1).tolist() if attention_mask is not None
+                   else [input_ids.shape[1]] * input_ids.shape[0])
+        return [self.row_inputs(captured, row, input_ids.shape[1] - length) for row, length in enumerate(lengths)]
+
+    def row_inputs(self, captured: dict, row: int, start: int) -> PromptInputs:
+        """Sequence ``row``'s inputs from the captured text-model inputs of the batch; its prompt
+        starts at ``start`` (after its left padding)."""
         raise NotImplementedError
 
     def positions(self, plain_positions: torch.Tensor, rope_delta: torch.Tensor) -> torch.Tensor:

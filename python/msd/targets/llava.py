@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msd.targets.base import PromptInputs, TargetAdapter, capture_text_model_inputs
+from msd.targets.base import PromptInputs, TargetAdapter
 
 
 class LlavaAdapter(TargetAdapter):
@@ -26,14 +26,10 @@ class LlavaAdapter(TargetAdapter):
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.text_model.rotary_emb(hidden, position_ids)
 
-    def prompt_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      **visual_inputs) -> PromptInputs:
-        captured = capture_text_model_inputs(self.model, self.text_model, input_ids=input_ids,
-                                             attention_mask=attention_mask, use_cache=False, **visual_inputs)
-        batch, length = input_ids.shape
-        positions = torch.arange(length, device=input_ids.device).expand(batch, length)
-        return PromptInputs(captured["inputs_embeds"], positions,
-                            torch.zeros(batch, dtype=torch.long, device=input_ids.device))
+    def row_inputs(self, captured: dict, row: int, start: int) -> PromptInputs:
+        embeds = captured["inputs_embeds"][row:row + 1, start:]
+        positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+        return PromptInputs(embeds, positions, torch.zeros(1, dtype=torch.long, device=embeds.device))
 
     def positions(self, plain_positions: torch.Tensor, rope_delta: torch.Tensor) -> torch.Tensor:
         return plain_positions

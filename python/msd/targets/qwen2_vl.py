@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from msd.hf_compat import mrope_continuation, mrope_cos_sin, mrope_section
-from msd.targets.base import PromptInputs, TargetAdapter, capture_text_model_inputs
+from msd.targets.base import PromptInputs, TargetAdapter
 
 
 class Qwen2VLAdapter(TargetAdapter):
@@ -22,6 +22,7 @@ class Qwen2VLAdapter(TargetAdapter):
     and videos, each placeholder id repeated once per visual token by the processor."""
 
     family = "Qwen2-VL"
+    rope_axes = 3
 
     def __init__(self, model: nn.Module):
         super().__init__(model, model.model.language_model)
@@ -32,19 +33,18 @@ class Qwen2VLAdapter(TargetAdapter):
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return mrope_cos_sin(self.text_model.rotary_emb, hidden, position_ids, self.mrope_section)
 
-    def prompt_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      **visual_inputs) -> PromptInputs:
-        captured = capture_text_model_inputs(self.model, self.text_model, input_ids=input_ids,
-                                             attention_mask=attention_mask, use_cache=False, **visual_inputs)
-        batch, length = input_ids.shape
+    def row_inputs(self, captured: dict, row: int, start: int) -> PromptInputs:
+        embeds = captured["inputs_embeds"][row:row + 1, start:]
         positions = captured.get("position_ids")
         if positions is None:  # a text-only prompt: the text model counts 0 .. L-1 on every axis
-            positions = torch.arange(length, device=input_ids.device).expand(3, batch, length)
-        elif positions.dim() == 2:
-            positions = positions.expand(3, batch, length)
-        elif positions.shape[0] == 4:  # a plain text row first, for the attention masks
-            positions = positions[1:]
-        return PromptInputs(captured["inputs_embeds"], positions, mrope_continuation(positions))
+            positions = torch.arange(embeds.shape[1], device=embeds.device).expand(3, 1, -1)
+        else:
+            if positions.dim() == 2:  # [B, L]: the same on every axis
+                positions = positions.unsqueeze(0).expand(3, -1, -1)
+            elif positions.shape[0] == 4:  # a plain text row first, for the attention masks
+                positions = positions[1:]
+            positions = positions[:, row:row + 1, start:]
+        return PromptInputs(embeds, positions, mrope_continuation(positions))
 
     def positions(self, plain_positions: torch.Tensor, rope_delta: torch.Tensor) -> torch.Tensor:
         """``[3, B, Q]``: ``plain_positions`` ``[B, Q]`` plus each axis's continuation ``[3, B]``."""
