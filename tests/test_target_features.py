@@ -1,5 +1,6 @@
 """Target features for draft training: the extractor against the target's own forward,
-the training pairing against the engine's, and the feature shards' write / resume / read."""
+the training pairing against the engine's, and the feature shards' write / resume / read; Qwen2-VL
+and Qwen2.5-VL features computed with their images."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import msd
+from msd.train.data import collate
 from msd.train.target_features import (
     FeatureShardDataset,
     TargetFeatureExtractor,
@@ -16,7 +18,17 @@ from msd.train.target_features import (
     write_feature_shards,
 )
 
-from tiny_models import IMAGE_SIZE, IMAGE_TOKEN, image_token_counts, random_draft, tiny_llava
+from tiny_models import (
+    IMAGE_SIZE,
+    IMAGE_TOKEN,
+    QWEN_IMAGE,
+    image_token_counts,
+    qwen_inputs,
+    random_draft,
+    tiny_llava,
+    tiny_qwen2_5_vl,
+    tiny_qwen2_vl,
+)
 
 ATOL = 1e-5
 
@@ -195,3 +207,90 @@ def test_shard_settings_are_checked(target, tmp_path):
         write_feature_shards([], TargetFeatureExtractor(target), tmp_path, shard_size=3)
     with pytest.raises(FileNotFoundError):
         FeatureShardDataset(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
+QWEN_TEXT = [[1, 5, 6], [7, 8, 9, 10]]  # ids before and after the image
+
+
+@pytest.fixture(scope="module")
+def qwen_targets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen")
+    return {"qwen2-vl": tiny_qwen2_vl(root / "qwen2-vl", seed=4),
+            "qwen2.5-vl": tiny_qwen2_5_vl(root / "qwen2.5-vl", seed=5)}
+
+
+def qwen_item(target, grid: tuple[int, int] | None, seed: int) -> dict:
+    """A dataset-like item (``[L]`` per token, per-image tensors as they are) of a Qwen prompt
+    with one image of ``grid`` patches, or none; 1 in the loss mask on the last 3 tokens."""
+    inputs = qwen_inputs(target, QWEN_TEXT, [grid] if grid else [], seed=seed)
+    item = {key: value[0] if value.shape == inputs["input_ids"].shape else value for key, value in inputs.items()}
+    item["loss_mask"] = torch.zeros_like(item["input_ids"])
+    item["loss_mask"][-3:] = 1
+    return item | {"source": f"sample {seed}"}
+
+
+def features_alone(extractor: TargetFeatureExtractor, item: dict) -> TargetFeatures:
+    """The features of one ``qwen_item`` run as a batch of one."""
+    inputs = {name: value[None] if value.dim() == 1 else value for name, value in item.items()
+              if name in extractor.input_names}
+    return extractor(item["input_ids"][None], **inputs)
+
+
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl"])
+def test_qwen_features_are_computed_with_the_images(qwen_targets, name):
+    """The features are the target's own forward with its image inputs (M-RoPE positions from
+    the grid), not the ids-only forward of the released Qwen2-VL data script: the same before
+    the image, different at and after it."""
+    target = qwen_targets[name]
+    inputs = qwen_inputs(target, QWEN_TEXT, [(4, 6)])
+    ids = inputs["input_ids"]
+    extractor = TargetFeatureExtractor(target)
+    features = extractor(ids, **{key: value for key, value in inputs.items() if key != "input_ids"})
+    with torch.no_grad():
+        logits = target(**inputs).logits
+        ids_only = target.model(input_ids=ids).last_hidden_state
+        image_features = target.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    torch.testing.assert_close(target.lm_head(features.hidden), logits, atol=ATOL, rtol=0)
+    assert torch.equal(features.visual_mask, ids == QWEN_IMAGE)
+    image_features = torch.cat(list(getattr(image_features, "pooler_output", image_features)))
+    torch.testing.assert_close(features.inputs_embeds[features.visual_mask], image_features, atol=ATOL, rtol=0)
+    first = int(features.visual_mask[0].nonzero()[0])
+    torch.testing.assert_close(features.hidden[:, :first], ids_only[:, :first], atol=ATOL, rtol=0)
+    assert (features.hidden[0, first:] - ids_only[0, first:]).abs().amax(-1).min() > 1e-3
+    with pytest.raises(TypeError, match="takes no image_sizes"):
+        extractor(ids, image_sizes=torch.tensor([[4, 6]]))
+
+
+def test_qwen_padded_batch_equals_one_sample_at_a_time(qwen_targets):
+    """collate's right-padded batch of two images of different grids and a text-only sample:
+    each row's features are its own forward's."""
+    target = qwen_targets["qwen2-vl"]
+    items = [qwen_item(target, (4, 6), seed=1), qwen_item(target, None, seed=2), qwen_item(target, (2, 2), seed=3)]
+    batch = collate(items)
+    extractor = TargetFeatureExtractor(target)
+    inputs = {name: batch[name] for name in extractor.input_names if name in batch}
+    batched = extractor(batch["input_ids"], batch["attention_mask"], **inputs)
+    for row, item in enumerate(items):
+        alone = features_alone(extractor, item)
+        n = item["input_ids"].numel()
+        torch.testing.assert_close(batched.hidden[row, :n], alone.hidden[0], atol=ATOL, rtol=0)
+        assert torch.equal(batched.visual_mask[row, :n], alone.visual_mask[0])
+    left = batch["attention_mask"].flip(1)
+    with pytest.raises(ValueError, match="padding must be on the right"):
+        extractor(batch["input_ids"], left, **inputs)
+
+
+def test_qwen_shards_hold_the_features_with_images(qwen_targets, tmp_path):
+    target = qwen_targets["qwen2.5-vl"]
+    items = [qwen_item(target, (4, 6), seed=1), qwen_item(target, None, seed=2)]
+    extractor = TargetFeatureExtractor(target)
+    assert write_feature_shards(items, extractor, tmp_path, shard_size=4) == 2
+    dataset = FeatureShardDataset(tmp_path)
+    for i, item in enumerate(items):
+        expected = features_alone(extractor, item)
+        got = dataset[i]
+        assert torch.equal(got["hidden"], expected.hidden[0])
+        assert torch.equal(got["visual_mask"], expected.visual_mask[0])
+        assert torch.equal(got["inputs_embeds"][got["visual_mask"]], expected.inputs_embeds[0, expected.visual_mask[0]])
+    assert dataset[0]["visual_mask"].sum() == 6 and not dataset[1]["visual_mask"].any()

@@ -1,5 +1,6 @@
 """Training data: llava_v1 template, answer-only loss mask, multimodal expansion, bad records
-counted and skipped, collate. Tiny tokenizers and a tiny LLaVA processor, no hub access."""
+counted and skipped, collate; Qwen2-VL's chat template, its items and images. Tiny tokenizers and
+tiny LLaVA and Qwen2-VL processors, no hub access."""
 
 from __future__ import annotations
 
@@ -13,9 +14,19 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import CLIPImageProcessor
 
 from msd.train.data import MultimodalConversationDataset, TextConversationDataset, collate
-from msd.train.template import BadSample, render_llava_v1, tokenize_conversation
+from msd.train.target_data import image_check, prompt_template
+from msd.train.template import BadSample, render_llava_v1, tokenize_conversation, tokenize_segments
 
-from tiny_models import SPECIAL_TOKENS, tiny_processor, tiny_tokenizer, wrap_tokenizer
+import tiny_models
+from tiny_models import (
+    SPECIAL_TOKENS,
+    tiny_llava_config,
+    tiny_processor,
+    tiny_qwen2_vl_config,
+    tiny_qwen_processor,
+    tiny_tokenizer,
+    wrap_tokenizer,
+)
 
 IMAGE_TOKENS = 16  # (16 px / 4 px patches) ** 2 + 1 CLS - 1 (strategy "default")
 
@@ -189,20 +200,21 @@ def test_multimodal_bad_records_are_counted_and_skipped(tmp_path, processor, cap
         assert any(f"{path}:{index}: {reason}" in message for message in caplog.messages), (index, reason)
 
 
-def test_image_token_count_mismatch_is_skipped(tmp_path, tokenizer, caplog):
-    """Without the center crop a wide image gives 32 tokens where the model takes 16."""
+def test_image_size_mismatch_is_skipped(tmp_path, tokenizer, caplog):
+    """Without the center crop a wide image is 16x32 pixels (32 image tokens) where the tiny
+    target's vision tower takes 16x16 (16 tokens): the target's image check skips and logs it."""
     processor = tiny_processor(tokenizer, CLIPImageProcessor(size={"shortest_edge": 16}, do_center_crop=False,
                                                          crop_size={"height": 16, "width": 16}))
     _image(tmp_path / "square.png", size=(20, 20))
     _image(tmp_path / "wide.png", size=(40, 20))
     records = [_with_image(CONVERSATION, "square.png"), _with_image(CONVERSATION, "wide.png")]
     path = _write(tmp_path / "mix.json", records)
-    dataset = MultimodalConversationDataset(path, tmp_path, processor, max_length=128)
+    dataset = MultimodalConversationDataset(path, tmp_path, processor, max_length=128,
+                                            check_image=image_check(tiny_llava_config()))
     with caplog.at_level(logging.WARNING, logger="msd.train.data"):
         assert dataset[0] is not None and dataset[1] is None
-    assert dataset.skipped == {"image token count mismatch": 1}
-    assert any(f"{path}:1: image token count mismatch" in message and "32" in message
-               for message in caplog.messages)
+    assert dataset.skipped == {"image size mismatch": 1}
+    assert any(f"{path}:1: image size mismatch" in message and "16x32" in message for message in caplog.messages)
 
 
 def test_collate_pads_and_drops_skipped(tmp_path, tokenizer, processor):
@@ -225,3 +237,113 @@ def test_collate_pads_and_drops_skipped(tmp_path, tokenizer, processor):
     assert batch["pixel_values"].shape == (1, 3, 16, 16)
     assert batch["sources"] == [items[0]["source"], items[2]["source"], items[3]["source"]]
     assert collate([None, None]) is None
+
+
+# ---------------------------------------------------------------------- Qwen2-VL: the processor's chat template
+QWEN_CONVERSATION = [
+    {"from": "human", "value": "what is this ?"},
+    {"from": "gpt", "value": "a cat ."},
+    {"from": "human", "value": "and this ?"},
+    {"from": "gpt", "value": "a dog ."},
+]
+QWEN_SYSTEM = "<|im_start|>system\nyou are a helpful assistant.<|im_end|>\n"
+# The hand-rendered Qwen prompt of QWEN_CONVERSATION with an image: each answer with its <|im_end|> (what the
+# model emits), the newline after it the template's.
+QWEN_SEGMENTS = [
+    (QWEN_SYSTEM + "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is this ?<|im_end|>\n"
+     "<|im_start|>assistant\n", False),
+    ("a cat .<|im_end|>", True),
+    ("\n<|im_start|>user\nand this ?<|im_end|>\n<|im_start|>assistant\n", False),
+    ("a dog .<|im_end|>", True),
+    ("\n", False),
+]
+
+
+@pytest.fixture(scope="module")
+def qwen_processor():
+    return tiny_qwen_processor()
+
+
+def test_chat_template_segments_and_loss_mask(qwen_processor):
+    render = prompt_template(tiny_qwen2_vl_config(), qwen_processor)
+    assert render(_with_image(QWEN_CONVERSATION)["conversations"]) == QWEN_SEGMENTS
+    input_ids, loss_mask = tokenize_segments(QWEN_SEGMENTS, qwen_processor.tokenizer)
+    tokens = qwen_processor.tokenizer.convert_ids_to_tokens(input_ids.tolist())
+    assert [t for t, m in zip(tokens, loss_mask.tolist()) if m] == [
+        "a", "Ġcat", "Ġ.", "<|im_end|>", "a", "Ġdog", "Ġ.", "<|im_end|>"]
+    assert tokens[:3] == ["<|im_start|>", "s", "y"] and tokens[-1] == "Ċ" and not loss_mask[-1]
+    # LLaVA targets keep llava_v1, whatever their processor's template.
+    assert prompt_template(tiny_llava_config(), qwen_processor) is render_llava_v1
+
+
+def test_chat_template_needs_one():
+    processor = tiny_qwen_processor()
+    processor.chat_template = None
+    with pytest.raises(ValueError, match="qwen2_vl targets train on their processor's chat template"):
+        prompt_template(tiny_qwen2_vl_config(), processor)
+
+
+def qwen_dataset(tmp_path, processor, records, **options):
+    render = prompt_template(tiny_qwen2_vl_config(), processor)
+    return MultimodalConversationDataset(_write(tmp_path / "qwen.json", records), tmp_path, processor,
+                                         max_length=256, render=render, **options)
+
+
+def test_qwen_item_is_the_processors_own_output(tmp_path, qwen_processor):
+    """A record's ids and model inputs equal the processor's for the template's own rendering
+    of hand-made messages; the loss mask covers the answers (stretched over the image's pads:
+    none of them)."""
+    _image(tmp_path / "cat.png", size=(24, 20))
+    item = qwen_dataset(tmp_path, qwen_processor, [_with_image(QWEN_CONVERSATION)])[0]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this ?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "a cat ."}]},
+                {"role": "user", "content": [{"type": "text", "text": "and this ?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "a dog ."}]}]
+    text = qwen_processor.apply_chat_template(messages, tokenize=False)
+    expected = qwen_processor(images=Image.open(tmp_path / "cat.png"), text=text, return_tensors="pt")
+    assert torch.equal(item["input_ids"], expected["input_ids"][0])
+    model_inputs = set(expected) - {"input_ids", "attention_mask"}
+    assert model_inputs >= {"pixel_values", "image_grid_thw"}  # and mm_token_type_ids where it gives them
+    assert set(item) == {"input_ids", "loss_mask", "source"} | model_inputs
+    for key in model_inputs:
+        assert torch.equal(item[key], expected[key][0] if key == "mm_token_type_ids" else expected[key]), key
+    pads = item["input_ids"] == tiny_models.QWEN_IMAGE
+    assert int(pads.sum()) == int(item["image_grid_thw"].prod()) // tiny_models.QWEN_MERGE ** 2 == 6  # 16 x 24 px
+    assert not item["loss_mask"][pads].any()
+    answer_tokens = item["input_ids"][item["loss_mask"]].tolist()
+    assert qwen_processor.tokenizer.decode(answer_tokens) == "a cat .<|im_end|>a dog .<|im_end|>"
+
+
+def test_qwen_image_the_model_does_not_take_is_skipped(tmp_path, caplog):
+    """A processor merging 1 x 1 patches where the model merges 2 x 2 gives 4 times the image
+    tokens: skipped and logged, not a crash in the target."""
+    _image(tmp_path / "cat.png", size=(24, 16))
+    processor = tiny_qwen_processor(merge_size=1)
+    dataset = qwen_dataset(tmp_path, processor, [_with_image(QWEN_CONVERSATION)],
+                           check_image=image_check(tiny_qwen2_vl_config()))
+    with caplog.at_level(logging.WARNING, logger="msd.train.data"):
+        assert dataset[0] is None
+    assert dataset.skipped == {"image token count mismatch": 1}
+    assert any("image token count mismatch: the processor gave 24 image tokens, the model takes 6" in message
+               for message in caplog.messages)
+
+
+def test_collate_batches_qwen_items(tmp_path, qwen_processor):
+    """Flattened patches and grids concatenate in batch order; per-token inputs pad (0: text)."""
+    _image(tmp_path / "small.png", size=(16, 16))
+    _image(tmp_path / "wide.png", size=(32, 16))
+    records = [_with_image(QWEN_CONVERSATION, "small.png"), {"id": "text", "conversations": QWEN_CONVERSATION[2:]},
+               _with_image(QWEN_CONVERSATION, "wide.png")]
+    dataset = qwen_dataset(tmp_path, qwen_processor, records)
+    items = [dataset[i] for i in range(3)]
+    batch = collate(items, pad_id=dataset.pad_id)
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 8]]
+    assert torch.equal(batch["pixel_values"], torch.cat([items[0]["pixel_values"], items[2]["pixel_values"]]))
+    assert batch["pixel_values"].shape == (16 + 32, tiny_models.QWEN_PATCH_VALUES)
+    if "mm_token_type_ids" in items[0]:  # transformers 5's processor gives them
+        for row, item in enumerate(items):
+            n = item["input_ids"].numel()
+            expected = item.get("mm_token_type_ids", torch.zeros(n, dtype=torch.long))
+            assert torch.equal(batch["mm_token_type_ids"][row, :n], expected)
+            assert not batch["mm_token_type_ids"][row, n:].any()
+        assert torch.equal(batch["mm_token_type_ids"].bool(), batch["input_ids"] == tiny_models.QWEN_IMAGE)

@@ -1,6 +1,7 @@
 """The draft training loop on a tiny random LLaVA target (CPU): exact resume, learning on a
 toy task, 2-rank DDP against one rank, the curriculum's multimodal share, bad data, and the
-``msd features`` / ``msd train`` commands."""
+``msd features`` / ``msd train`` commands; the commands and the evaluation prompts on a tiny
+Qwen2-VL target."""
 
 from __future__ import annotations
 
@@ -18,16 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2VLConfig
 
 from msd.cli import main
 from msd.draft_checkpoint import load_draft, read_state_dict
 from msd.engine import SpeculativeLLaVA
 from msd.prompts import encode_prompt
 from msd.train.curriculum import multimodal_probability
+from msd.train.evaluation import first_turn_prompts
+from msd.train.target_data import prompt_template
 from msd.train.trainer import METRICS_FILE, TrainConfig, last_checkpoint, train
 
-from tiny_models import tiny_llava, tiny_processor
+from tiny_models import tiny_llava, tiny_processor, tiny_qwen2_vl, tiny_qwen_processor
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = ["what is this ?", "and this ?", "what is a dog ?", "is this a cat ?"]
@@ -336,3 +339,69 @@ def test_bf16_on_cpu_trains(world, tmp_path):
     reference = float(metrics(tmp_path / "fp32")[0]["loss"])
     assert losses[0] != reference and losses[0] == pytest.approx(reference, rel=0.05)
     assert float(metrics(tmp_path / "bf16")[-1]["tau"]) >= 1.0
+
+
+# ---------------------------------------------------------------------- Qwen2-VL targets
+@pytest.fixture(scope="module")
+def qwen_world(tmp_path_factory):
+    """A saved tiny Qwen2-VL target with its processor (chat template), 3 ShareGPT and 3 LLaVA
+    records (2 with images of different sizes) in the tiny Qwen vocabulary."""
+    root = tmp_path_factory.mktemp("qwen-world")
+    tiny_qwen2_vl(root / "target", seed=3)
+    tiny_qwen_processor().save_pretrained(root / "target")
+    generator = torch.Generator().manual_seed(0)
+    for i, (height, width) in enumerate([(16, 24), (32, 8)]):
+        pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(root / f"image{i}.png")
+
+    def qwen_conversation(i: int, image: bool = False) -> list[dict]:
+        words = ["what is this ?", "a cat .", "and this ?", "a red dog .", "is it red ?", "no ."]
+        question = ("<image>\n" if image else "") + words[2 * (i % 3)]
+        return [{"from": "human", "value": question}, {"from": "gpt", "value": words[2 * (i % 3) + 1]},
+                {"from": "human", "value": words[2 * ((i + 1) % 3)]}, {"from": "gpt", "value": words[2 * (i % 3) + 1]}]
+
+    text = write_json(root / "sharegpt.json",
+                      [{"id": f"t{i}", "conversations": qwen_conversation(i)} for i in range(3)])
+    records = [{"id": f"m{i}", "image": f"image{i}.png", "conversations": qwen_conversation(i, image=True)}
+               for i in range(2)] + [{"id": "m2", "conversations": qwen_conversation(2)}]
+    multimodal = write_json(root / "llava.json", records)
+    return {"root": root, "target": str(root / "target"), "text": text, "multimodal": multimodal}
+
+
+def test_qwen_features_then_train_equals_online_training(qwen_world, tmp_path, capsys):
+    """msd features / msd train on a Qwen2-VL target: shards computed with the images train the
+    same draft as the target run online, through both stages of the curriculum."""
+    features = tmp_path / "features"
+    data = ["--target", qwen_world["target"], "--text-data", qwen_world["text"], "--multimodal-data",
+            qwen_world["multimodal"], "--image-folder", str(qwen_world["root"]), "--max-length", "256",
+            "--device", "cpu"]
+    assert main(["features", *data, "--output-dir", str(features), "--shard-size", "2"]) == 0
+    assert capsys.readouterr().out.split("\n")[:2] == ["text: 3 samples", "multimodal: 3 samples"]
+    options = ["--epochs", "2", "--batch-size", "1", "--lr", "1e-3", "--warmup-steps", "0", "--samples-per-epoch",
+               "4", "--noise-scale", "0", "--device", "cpu", "--no-progress"]
+    assert main(["train", "--target", qwen_world["target"], "--features-dir", str(features),
+                 "--output-dir", str(tmp_path / "offline"), *options]) == 0
+    assert main(["train", *data, "--output-dir", str(tmp_path / "online"), *options]) == 0
+    assert [int(row["multimodal_samples"]) for row in metrics(tmp_path / "online")] == [0] * 4 + [1] * 4
+    offline, online = weights(tmp_path / "offline" / "epoch-02"), weights(tmp_path / "online" / "epoch-02")
+    assert set(online) >= {"layers.0.self_attn.q_proj.bias", "fc.bias"}  # a Qwen2 draft layer
+    for key in online:
+        torch.testing.assert_close(offline[key], online[key], atol=1e-5, rtol=0)
+
+
+def test_qwen_eval_prompts_are_the_prompts_msd_generate_makes(qwen_world):
+    """The training-time evaluation asks the first questions in the chat template, exactly as
+    ``msd generate`` (encode_prompt) does, images included."""
+    processor = AutoProcessor.from_pretrained(qwen_world["target"])
+    render = prompt_template(Qwen2VLConfig.from_pretrained(qwen_world["target"]), processor)
+    prompts = first_turn_prompts(qwen_world["multimodal"], qwen_world["root"], processor, 3, render)
+    records = json.loads(Path(qwen_world["multimodal"]).read_text())
+    assert len(prompts) == len(records) == 3
+    for prompt, record in zip(prompts, records):
+        question = record["conversations"][0]["value"].removeprefix("<image>\n")
+        images = [Image.open(qwen_world["root"] / record["image"]).convert("RGB")] if "image" in record else []
+        expected = encode_prompt(processor, question, images)
+        assert set(prompt) == set(expected)
+        for key in expected:
+            assert torch.equal(prompt[key], expected[key]), key
+    assert "image_grid_thw" in prompts[0] and "image_grid_thw" not in prompts[2]

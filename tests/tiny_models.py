@@ -8,9 +8,10 @@ import math
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
 from transformers import (
+    AutoProcessor,
     CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
@@ -21,12 +22,16 @@ from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
+    Qwen2TokenizerFast,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
     SiglipVisionConfig,
 )
 
@@ -130,13 +135,16 @@ def _qwen_ids() -> dict:
                 vision_end_token_id=QWEN_VISION_END, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def tiny_qwen2_vl(folder: Path, seed: int = 0, **text_kwargs) -> Qwen2VLForConditionalGeneration:
-    """Build, save to ``folder`` and reload a tiny random Qwen2-VL target."""
+def tiny_qwen2_vl_config(**text_kwargs) -> Qwen2VLConfig:
     vision = dict(depth=1, embed_dim=32, hidden_size=text_kwargs.get("hidden", 64), num_heads=2, mlp_ratio=2,
                   patch_size=QWEN_PATCH, temporal_patch_size=QWEN_TEMPORAL, spatial_merge_size=QWEN_MERGE)
-    config = Qwen2VLConfig(text_config=qwen_text_config(**text_kwargs), vision_config=vision, **_qwen_ids())
+    return Qwen2VLConfig(text_config=qwen_text_config(**text_kwargs), vision_config=vision, **_qwen_ids())
+
+
+def tiny_qwen2_vl(folder: Path, seed: int = 0, **text_kwargs) -> Qwen2VLForConditionalGeneration:
+    """Build, save to ``folder`` and reload a tiny random Qwen2-VL target."""
     torch.manual_seed(seed)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config(**text_kwargs)).save_pretrained(folder)
     return Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
 
 
@@ -226,3 +234,105 @@ def tiny_processor(tokenizer: PreTrainedTokenizerFast | None = None,
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer or tiny_tokenizer(),
                           patch_size=PATCH, vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=chat_template)
+
+
+# ---------------------------------------------------------------------- a tiny Qwen2-VL processor
+# Qwen's tokenizer at the tiny Qwen models' ids: a byte-level BPE with Qwen2's own pre-tokenizer
+# (transformers 5 rebuilds a Qwen2 tokenizer from its vocabulary and merges with exactly this
+# pipeline, 4.x loads tokenizer.json as is: both tokenize alike). <|endoftext|> (padding) is 0,
+# <|im_start|> 1 and <|im_end|> 2 (the tiny configs' eos_token_id); the vision tokens sit at
+# QWEN_IMAGE .. QWEN_VISION_END. Every other id is a byte-level symbol or a word: " " + each of
+# QWEN_WORDS is one token, built by merges from the left (so " cat" makes " c" and " ca" too).
+QWEN_SPECIAL = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<|image_pad|>": QWEN_IMAGE,
+                "<|video_pad|>": QWEN_VIDEO, "<|vision_start|>": QWEN_VISION_START,
+                "<|vision_end|>": QWEN_VISION_END}
+QWEN_SYMBOLS = ["Ġ", "Ċ", "?", "."] + [chr(c) for c in range(ord("a"), ord("z") + 1)]  # Ġ: space, Ċ: newline
+QWEN_WORDS = ["what", "this", "cat", "dog", "red", "and", "?", "."] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+QWEN_PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                    r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+# The real Qwen2-VL chat template, shortened (no vision ids, no videos by URL) and with a
+# lower-case default system prompt the tiny vocabulary spells.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nyou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# The tiny image processor: 4-pixel patches, 2 x 2 merged, images resized to multiples of 8 pixels
+# between 8 x 8 and 32 x 32 (1 to 16 visual tokens).
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 8 * 8, 32 * 32
+
+
+def qwen_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The BPE vocabulary (token -> id) and merges of the tiny Qwen tokenizer; the ids left over
+    below QWEN_VOCAB are two-letter words " xy" (also one token each)."""
+    free = iter([i for i in range(QWEN_VOCAB) if i not in QWEN_SPECIAL.values()])
+    vocab = dict(QWEN_SPECIAL) | {symbol: next(free) for symbol in QWEN_SYMBOLS}
+    merges = []
+
+    def add_word(word: str) -> bool:
+        """Add the merges of "Ġ" + word; False when the ids ran out."""
+        token = "Ġ"
+        for char in word:
+            if token + char not in vocab:
+                new_id = next(free, None)
+                if new_id is None:
+                    return False
+                merges.append((token, char))
+                vocab[token + char] = new_id
+            token += char
+        return True
+
+    for word in QWEN_WORDS:
+        add_word(word)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pairs = (first + second for first in letters for second in letters)
+    while add_word(next(pairs)):
+        pass
+    return vocab, merges
+
+
+def tiny_qwen_tokenizer() -> Qwen2TokenizerFast:
+    """Qwen's tokenizer pipeline over the tiny vocabulary (see ``qwen_vocabulary``)."""
+    vocab, merges = qwen_vocabulary()
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    return Qwen2TokenizerFast(tokenizer_object=bpe, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                              pad_token="<|endoftext|>",
+                              additional_special_tokens=[t for t in QWEN_SPECIAL if t != "<|endoftext|>"])
+
+
+class TinyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2VLProcessor without its video processor, which needs torchvision (not installed
+    here): every image and text path is Qwen2VLProcessor's own."""
+
+    attributes = ["image_processor", "tokenizer"]  # transformers 4.x; 5.x reads __init__'s arguments
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class _TinyQwen2VLProcessorKey(PretrainedConfig):
+    """Only registers TinyQwen2VLProcessor's name with AutoProcessor (which finds a saved
+    processor by the class name in its processor_config.json)."""
+
+    model_type = "tiny-qwen2-vl-processor"
+
+
+AutoProcessor.register(_TinyQwen2VLProcessorKey, TinyQwen2VLProcessor)
+
+
+def tiny_qwen_processor(merge_size: int = QWEN_MERGE) -> TinyQwen2VLProcessor:
+    """A Qwen2-VL processor for the tiny Qwen targets: their patch geometry (``merge_size`` other
+    than theirs makes a misconfigured one), Qwen's chat template and tokenizer pipeline."""
+    images = Qwen2VLImageProcessor(patch_size=QWEN_PATCH, temporal_patch_size=QWEN_TEMPORAL, merge_size=merge_size,
+                                   min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS)
+    return TinyQwen2VLProcessor(image_processor=images, tokenizer=tiny_qwen_tokenizer(),
+                                chat_template=QWEN_CHAT_TEMPLATE)

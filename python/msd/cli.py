@@ -199,7 +199,7 @@ def log_to_stderr() -> None:
 def add_train_command(subcommands) -> None:
     """Declare ``msd train``: one option per :class:`TrainConfig` field, with its help text."""
     parser = subcommands.add_parser(
-        "train", help="train an MSD draft on a LLaVA target",
+        "train", help="train an MSD draft on a LLaVA or Qwen2-VL target",
         description="Train an MSD draft head (MSD_SPEC.md 4) on the frozen TARGET: text data, multimodal data "
                     "mixed by the curriculum r(e), or pre-computed features (msd features). Checkpoints go to "
                     "OUTPUT_DIR/step-XXXXXX and OUTPUT_DIR/epoch-XX (released draft layout + trainer_state.pt), "

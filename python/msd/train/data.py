@@ -6,15 +6,22 @@
   (``llava_v1_5_mix665k`` layout: the same records plus an optional ``"image"`` path relative
   to an image folder; text-only records are allowed) run through the target's processor.
 
+Prompts are rendered by ``render``: the ``llava_v1`` template (:func:`render_llava_v1`, LLaVA
+targets) or the processor's chat template (:class:`msd.train.chat_template.ChatTemplate`,
+Qwen2-VL / Qwen2.5-VL targets); :mod:`msd.train.target_data` picks the target's.
+
 Items are dicts ``{"input_ids": int64 [L], "loss_mask": bool [L], "source": "file:index"}``
-plus ``"pixel_values"`` (and ``"image_sizes"`` where the processor gives them) for records with
-an image; :func:`collate` pads them into a batch.
+plus, for records with an image, the processor's other model inputs: per image
+(``pixel_values``, and ``image_sizes`` or ``image_grid_thw`` where the processor gives them)
+and per token (``mm_token_type_ids`` where it gives them, int64 ``[L]``); :func:`collate`
+pads them into a batch.
 
 Bad data never stops a run. Problems visible in the JSON itself (not a record, no or empty
 conversation, no answer, malformed turns, ``<image>`` placeholders that do not match the image
 field, a missing image file) are found by one cheap scan when the dataset is built; problems
 only visible when an item is loaded (unreadable image, a sample longer than ``max_length``,
-an image token count that is not what the model takes) make ``__getitem__`` return None.
+a processed image the target's vision tower does not take: ``check_image``) make
+``__getitem__`` return None.
 Either way the record is logged as ``"<file>:<index>: <reason>: <detail>"`` and counted in
 ``dataset.skipped`` (a Counter keyed by reason); :func:`collate` drops the Nones. Over-long
 samples are skipped, never truncated: a truncated sample would train on a cut answer. With a
@@ -33,20 +40,22 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from msd.train.template import IMAGE_PLACEHOLDER, BadSample, render_llava_v1, tokenize_segments
+from msd.train.template import IMAGE_PLACEHOLDER, BadSample, dialogue, render_llava_v1, tokenize_segments
 
 logger = logging.getLogger(__name__)
 
 
 class TextConversationDataset(Dataset):
-    """Stage-1 ShareGPT conversations tokenized with the target's ``tokenizer`` (a fast one).
+    """Stage-1 ShareGPT conversations rendered by ``render`` (conversation -> ``[(text,
+    is_answer), ...]`` segments; default ``llava_v1``) and tokenized with the target's
+    ``tokenizer`` (a fast one).
 
     Items longer than ``max_length`` tokens are skipped (None), not truncated. The base of
     :class:`MultimodalConversationDataset`: loading the JSON, the scan for bad records and
     turning a load-time BadSample into a logged, counted None live here.
     """
 
-    def __init__(self, json_path, tokenizer, max_length: int):
+    def __init__(self, json_path, tokenizer, max_length: int, render=render_llava_v1):
         self.json_path = Path(json_path)
         if not self.json_path.is_file():
             raise FileNotFoundError(f"training data file {self.json_path} does not exist")
@@ -56,8 +65,9 @@ class TextConversationDataset(Dataset):
             raise ValueError(f"{self.json_path}: expected a JSON list of records")
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.render = render
         self.skipped: Counter[str] = Counter()
-        # (index in the file, record, llava_v1 segments) of the records that passed the scan.
+        # (index in the file, record, rendered segments) of the records that passed the scan.
         self.samples = []
         for index, record in enumerate(records):
             try:
@@ -94,11 +104,13 @@ class TextConversationDataset(Dataset):
         logger.warning("%s: %s (skipped)", self._source(index), bad)
 
     def _check(self, record) -> list[tuple[str, bool]]:
-        """The record's ``llava_v1`` segments; raises BadSample when it is structurally bad."""
+        """The record's rendered segments; raises BadSample when it is structurally bad."""
         if not isinstance(record, dict):
             raise BadSample("not a record", f"a JSON {type(record).__name__} instead of an object")
-        segments = render_llava_v1(record.get("conversations"))
-        placeholders = sum(text.count(IMAGE_PLACEHOLDER) for text, _ in segments)
+        segments = self.render(record.get("conversations"))
+        # Counted in the turns the rendering keeps (a chat template turns them into image parts).
+        placeholders = sum(text.count(IMAGE_PLACEHOLDER) for turns in dialogue(record["conversations"])
+                           for text in turns)
         expected = self._image_count(record)
         if placeholders != expected:
             raise BadSample("image placeholder mismatch",
@@ -118,19 +130,23 @@ class TextConversationDataset(Dataset):
 class MultimodalConversationDataset(TextConversationDataset):
     """Stage-2 LLaVA instruction records run through the target's ``processor``.
 
-    The processor expands the ``<image>`` placeholder into the image's tokens; the loss mask is
-    made on the unexpanded prompt (:func:`msd.train.template.tokenize_segments`) and stretched
-    over that expansion, the image tokens being False. The processor's ids are checked against
-    the stretched template ids, and its image token count against the count the processor says
-    the model takes for that image size. Items longer than ``max_length`` tokens (image tokens
-    included) are skipped (None), not truncated.
+    The processor expands the rendered prompt's image placeholder (LLaVA's ``<image>``, Qwen's
+    ``<|image_pad|>``) into the image's tokens; the loss mask is made on the unexpanded prompt
+    (:func:`msd.train.template.tokenize_segments`) and stretched over that expansion, the image
+    tokens being False. The processor's ids are checked against the stretched template ids and,
+    when ``check_image`` is given, the processed image against what the target's vision tower
+    takes (``check_image(processed, image_tokens)`` raises BadSample, see
+    :func:`msd.train.target_data.image_check`; without it the processor is trusted). Items
+    longer than ``max_length`` tokens (image tokens included) are skipped (None), not truncated.
     """
 
-    def __init__(self, json_path, image_folder, processor, max_length: int):
+    def __init__(self, json_path, image_folder, processor, max_length: int, render=render_llava_v1,
+                 check_image=None):
         self.image_folder = Path(image_folder)
         self.processor = processor
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-        super().__init__(json_path, processor.tokenizer, max_length)
+        self.check_image = check_image
+        super().__init__(json_path, processor.tokenizer, max_length, render)
 
     def _image_count(self, record) -> int:
         """One image for a record with an ``"image"`` field (LLaVA-1.5 data), else none."""
@@ -164,20 +180,16 @@ class MultimodalConversationDataset(TextConversationDataset):
             raise BadSample("processor error", str(error)) from None
         input_ids = processed["input_ids"][0]
         image_tokens = int((input_ids == self.image_token_id).sum())
-        # The count the model's vision tower + projector produce for this image size.
-        model_tokens = self.processor._get_num_multimodal_tokens(
-            image_sizes=[(image.height, image.width)]).num_image_tokens[0]
-        if image_tokens != model_tokens:
-            raise BadSample("image token count mismatch",
-                            f"the processor gave {image_tokens} image tokens, the model takes {model_tokens}")
+        if self.check_image is not None:
+            self.check_image(processed, image_tokens)
         is_image = template_ids == self.image_token_id
         repeats = torch.where(is_image, image_tokens, 1)
         if not torch.equal(template_ids.repeat_interleave(repeats), input_ids):
             raise BadSample("tokenization mismatch", "the processor's ids differ from the template's")
-        item = {"input_ids": input_ids, "loss_mask": template_mask.repeat_interleave(repeats),
-                "pixel_values": processed["pixel_values"]}
-        if "image_sizes" in processed:
-            item["image_sizes"] = processed["image_sizes"]
+        item = {"input_ids": input_ids, "loss_mask": template_mask.repeat_interleave(repeats)}
+        for key, value in processed.items():  # the model's other inputs; attention_mask is collate's
+            if key not in ("input_ids", "attention_mask"):
+                item[key] = value[0] if value.shape == processed["input_ids"].shape else value
         return item
 
 
@@ -185,9 +197,12 @@ def collate(items: list[dict | None], pad_id: int = 0) -> dict | None:
     """Batch dataset items, dropping the skipped ones (None); None when all were skipped.
 
     Right-pads ``input_ids`` (with ``pad_id``) and ``loss_mask`` (False) to the longest item and
-    adds ``attention_mask`` int64 ``[B, L]``; ``pixel_values`` / ``image_sizes`` of the items
-    that have an image are concatenated in batch order (LLaVA-1.5: ``[n_images, 3, H, W]``),
-    ``sources`` lists the items' ``"file:index"``.
+    adds ``attention_mask`` int64 ``[B, L]``; ``sources`` lists the items' ``"file:index"``. The
+    items' other tensors are the model's inputs of their images: one-dimensional ones are per
+    token (``mm_token_type_ids``: right-padded with 0, all 0 for the items without one, as
+    for text), the others per image, concatenated in batch order (LLaVA-1.5 ``pixel_values``
+    ``[n_images, 3, H, W]``, ``image_sizes`` ``[n_images, 2]``; Qwen's flattened patches
+    ``[n_patches, C * T * P * P]`` and ``image_grid_thw`` ``[n_images, 3]``).
     """
     items = [item for item in items if item is not None]
     if not items:
@@ -203,7 +218,15 @@ def collate(items: list[dict | None], pad_id: int = 0) -> dict | None:
         attention_mask[row, :n] = 1
     batch = {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask,
              "sources": [item["source"] for item in items]}
-    for key in ("pixel_values", "image_sizes"):
-        if any(key in item for item in items):
-            batch[key] = torch.cat([item[key] for item in items if key in item])
+    inputs = dict.fromkeys(key for item in items for key, value in item.items()
+                           if isinstance(value, torch.Tensor) and key not in ("input_ids", "loss_mask"))
+    for key in inputs:
+        present = [item[key] for item in items if key in item]
+        if present[0].dim() == 1:
+            batch[key] = torch.zeros((len(items), length), dtype=present[0].dtype)
+            for row, item in enumerate(items):
+                if key in item:
+                    batch[key][row, :item[key].numel()] = item[key]
+        else:
+            batch[key] = torch.cat(present)
     return batch

@@ -18,6 +18,7 @@ from transformers import BatchFeature
 from msd.draft import MSDDraftModel
 from msd.engine import SpeculativeLLaVA
 from msd.train.data import MultimodalConversationDataset, TextConversationDataset
+from msd.train.template import render_llava_v1
 
 
 def greedy_tau(engine: SpeculativeLLaVA, prompts: list[dict], max_new_tokens: int) -> tuple[float, list[torch.Tensor]]:
@@ -31,19 +32,20 @@ def greedy_tau(engine: SpeculativeLLaVA, prompts: list[dict], max_new_tokens: in
     return produced / max(forwards, 1), outputs
 
 
-def first_turn_prompts(json_path: str | Path, image_folder: str | Path | None, processor,
-                       count: int) -> list[BatchFeature]:
+def first_turn_prompts(json_path: str | Path, image_folder: str | Path | None, processor, count: int,
+                       render=render_llava_v1) -> list[BatchFeature]:
     """Model inputs of the first user turn of the first ``count`` usable records of a ShareGPT /
-    LLaVA JSON, in the ``llava_v1`` template the draft is trained on (``USER: <image>\\n...
-    ASSISTANT:``, the prompt ``msd generate`` gives the target); an ``"image"`` is relative to
+    LLaVA JSON, rendered as the draft is trained on it (``render``, the prompt ``msd generate``
+    gives the target: the ``llava_v1`` template's ``USER: <image>\\n... ASSISTANT:`` or the
+    processor's chat template up to its generation prompt); an ``"image"`` is relative to
     ``image_folder``. Records the training data would skip are skipped (and logged) alike."""
     if image_folder is None:
-        records = TextConversationDataset(json_path, processor.tokenizer, max_length=0)
+        records = TextConversationDataset(json_path, processor.tokenizer, max_length=0, render=render)
     else:
-        records = MultimodalConversationDataset(json_path, image_folder, processor, max_length=0)
+        records = MultimodalConversationDataset(json_path, image_folder, processor, max_length=0, render=render)
     prompts = []
     for _, record, segments in records.samples[:count]:
-        text, _ = segments[0]  # "USER: {question} ASSISTANT:"
+        text, _ = segments[0]  # the first question up to where the answer starts
         images = None
         if image_folder is not None and "image" in record:
             with Image.open(Path(image_folder) / record["image"]) as image:

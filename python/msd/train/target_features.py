@@ -17,6 +17,15 @@ feature ``f_j`` (``hidden[:-1]``) together with the NEXT input ``x_{j+1}`` (``id
 At inference ``SpeculativeLLaVA`` commits ``(ids[1:] + [first generated], hidden)`` after
 the prefill: the same pairs, plus one more whose target only the next step knows. The loss
 mask keeps the spec's / released code's indexing (``m_t`` at draft position ``t``).
+
+The target runs WITH its multimodal inputs (``pixel_values``, and ``image_sizes``,
+``image_grid_thw`` or ``mm_token_type_ids`` as its family takes them): the features of the
+positions after an image depend on it (the released Qwen2-VL data script feeds ``input_ids``
+only, so its image positions see pad embeddings: MSD_SPEC.md 6). Positions: LLaVA targets get
+the plain token index (counting real tokens only, so any padding works); Qwen2-VL / Qwen2.5-VL
+targets compute their M-RoPE positions themselves from the image grids, as in their own
+forward and generate (their text-only batches count from the left, so padding goes on the
+right there, as :func:`msd.train.data.collate` does).
 """
 
 from __future__ import annotations
@@ -34,12 +43,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from msd.targets import Qwen2VLAdapter, adapter_for
+
 
 @contextmanager
 def capture_inputs_embeds(target) -> Iterator[dict]:
     """While active, ``captured["embeds"]`` holds the ``inputs_embeds`` ``[B, L, H]`` the
-    LLaVA target's text model last received: token embeddings with the projected image
-    features spliced in at the image-token positions."""
+    target's text model last received: token embeddings with the projected image features
+    spliced in at the visual positions."""
     captured: dict = {}
     hook = target.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
@@ -60,34 +71,51 @@ class TargetFeatures:
     input_ids: torch.Tensor  # [B, L] int64
     inputs_embeds: torch.Tensor  # [B, L, H] target dtype, visual features spliced in
     hidden: torch.Tensor  # [B, L, H] target dtype, post-final-norm = lm_head input
-    visual_mask: torch.Tensor  # [B, L] bool, input id == image token id
+    visual_mask: torch.Tensor  # [B, L] bool, input id is a visual placeholder (image or video)
     attention_mask: torch.Tensor  # [B, L] bool, False on padding
 
 
 class TargetFeatureExtractor:
-    """Runs the frozen target (eval mode, no gradient) to get :class:`TargetFeatures`."""
+    """Runs the frozen target (eval mode, no gradient) to get :class:`TargetFeatures`.
+
+    :attr:`input_names` are the multimodal inputs the target takes (its adapter's); the
+    visual placeholder ids (images and videos) are the adapter's too.
+    """
 
     def __init__(self, target):
         self.target = target.eval().requires_grad_(False)
-        self.image_token_id = target.config.image_token_id
+        self.adapter = adapter_for(target)
+        self.input_names = self.adapter.input_names
+        self.visual_token_ids = sorted(self.adapter.visual_inputs)
+        # M-RoPE families place visual tokens on their grids: the model computes the positions.
+        self.model_positions = isinstance(self.adapter, Qwen2VLAdapter)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None
-                 ) -> TargetFeatures:
-        """Features of ``input_ids`` ``[B, L]`` (image tokens already expanded, as the HF
-        processor does) with optional padding ``attention_mask`` ``[B, L]``."""
+                 **model_inputs: torch.Tensor | None) -> TargetFeatures:
+        """Features of ``input_ids`` ``[B, L]`` (visual tokens already expanded, as the HF
+        processor does) with optional padding ``attention_mask`` ``[B, L]`` and the target's
+        multimodal ``model_inputs`` (``pixel_values``, ``image_grid_thw``, ...; None ones are
+        left out). A name the target does not take is a ``TypeError``."""
+        unknown = set(model_inputs) - set(self.input_names)
+        if unknown:
+            raise TypeError(f"{type(self.target).__name__} takes no {', '.join(sorted(unknown))} "
+                            f"(its multimodal inputs: {', '.join(self.input_names)})")
+        model_inputs = {name: value for name, value in model_inputs.items() if value is not None}
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
-        # Positions count real tokens only, so left or right padding both work.
-        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-        extra = {"image_sizes": image_sizes} if image_sizes is not None else {}
+        if self.model_positions:
+            if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+                raise ValueError("attention_mask: padding must be on the right for "
+                                 f"{type(self.target).__name__} (M-RoPE positions count from the left)")
+        else:  # positions count real tokens only, so left or right padding both work
+            model_inputs["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         with capture_inputs_embeds(self.target) as captured:
-            out = self.target.model(input_ids=input_ids, attention_mask=attention_mask.long(),
-                                    position_ids=positions, pixel_values=pixel_values, use_cache=False, **extra)
+            out = self.target.model(input_ids=input_ids, attention_mask=attention_mask.long(), use_cache=False,
+                                    **model_inputs)
         return TargetFeatures(input_ids, captured["embeds"], out.last_hidden_state,
-                              input_ids == self.image_token_id, attention_mask)
+                              self.adapter.visual_mask(input_ids), attention_mask)
 
 
 def draft_training_inputs(features: TargetFeatures, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -137,10 +165,11 @@ def write_feature_shards(dataset_iter: Iterable[dict], extractor: TargetFeatureE
                          shard_size: int) -> int:
     """Extract and store the target features of every sample, ``shard_size`` per shard.
 
-    Samples are dicts with ``input_ids`` ``[L]``, ``loss_mask`` ``[L]`` and, for images,
-    ``pixel_values`` (and ``image_sizes`` for LLaVA-NeXT) as the model takes them for one
-    sample. Sample ``i`` is stored in its shard under ``"{i}.input_ids"``,
-    ``"{i}.loss_mask"``, ``"{i}.hidden"`` (``[L, H]``) and ``"{i}.visual_embeds"``
+    Samples are dicts with ``input_ids`` ``[L]``, ``loss_mask`` ``[L]`` and, for images, the
+    target's multimodal inputs for one sample as the training datasets make them (per image:
+    ``pixel_values``, ``image_sizes``, ``image_grid_thw``; per token, one-dimensional:
+    ``mm_token_type_ids``); other keys are ignored. Sample ``i`` is stored in its shard under
+    ``"{i}.input_ids"``, ``"{i}.loss_mask"``, ``"{i}.hidden"`` (``[L, H]``) and ``"{i}.visual_embeds"``
     (``[num visual tokens, H]``: only the visual rows of the input embeddings, the text rows
     being the target's token embeddings), in the target's dtype.
 
@@ -152,7 +181,7 @@ def write_feature_shards(dataset_iter: Iterable[dict], extractor: TargetFeatureE
     out_dir.mkdir(parents=True, exist_ok=True)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    index = _read_index(out_dir) or {"shard_size": shard_size, "image_token_id": extractor.image_token_id,
+    index = _read_index(out_dir) or {"shard_size": shard_size, "visual_token_ids": extractor.visual_token_ids,
                                      "shards": []}
     if index["shard_size"] != shard_size:
         raise ValueError(f"{out_dir} holds shards of {index['shard_size']} samples, asked for {shard_size}")
@@ -174,8 +203,10 @@ def write_feature_shards(dataset_iter: Iterable[dict], extractor: TargetFeatureE
 
 
 def _sample_tensors(sample: int, item: dict, extractor: TargetFeatureExtractor) -> dict[str, torch.Tensor]:
-    input_ids = item["input_ids"].unsqueeze(0)
-    features = extractor(input_ids, pixel_values=item.get("pixel_values"), image_sizes=item.get("image_sizes"))
+    # A batch of one: per-token inputs [L] -> [1, L], per-image ones as they are.
+    inputs = {name: value.unsqueeze(0) if value.dim() == 1 else value
+              for name, value in item.items() if name in extractor.input_names}
+    features = extractor(item["input_ids"].unsqueeze(0), **inputs)
     return {
         f"{sample}.input_ids": item["input_ids"].long(),
         f"{sample}.loss_mask": item["loss_mask"].to(torch.uint8),
@@ -210,7 +241,8 @@ class FeatureShardDataset(Dataset):
         index = _read_index(self.out_dir)
         if index is None:
             raise FileNotFoundError(f"no {INDEX} in {self.out_dir}: run `msd features` first")
-        self.image_token_id = index["image_token_id"]
+        # Shards written before msd trained Qwen targets name the image token only.
+        self.visual_token_ids = torch.tensor(index.get("visual_token_ids") or [index["image_token_id"]])
         self.files = [shard["file"] for shard in index["shards"]]
         self.shard_size = index["shard_size"]
         self.length = index["shards"][-1]["samples"][1] if index["shards"] else 0
@@ -224,7 +256,7 @@ class FeatureShardDataset(Dataset):
         with safe_open(self.out_dir / self.files[sample // self.shard_size], framework="pt") as shard:
             item = {key: shard.get_tensor(f"{sample}.{key}")
                     for key in ("input_ids", "loss_mask", "hidden", "visual_embeds")}
-        visual_mask = item["input_ids"] == self.image_token_id
+        visual_mask = torch.isin(item["input_ids"], self.visual_token_ids)
         inputs_embeds = item["hidden"].new_zeros(item["hidden"].shape)
         inputs_embeds[visual_mask] = item.pop("visual_embeds")
         return {**item, "visual_mask": visual_mask, "inputs_embeds": inputs_embeds}

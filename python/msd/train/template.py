@@ -55,15 +55,13 @@ def _turns(conversation) -> list[tuple[int, str, str]]:
     return turns
 
 
-def render_llava_v1(conversation) -> list[tuple[str, bool]]:
-    """Render a ShareGPT/LLaVA ``conversations`` list as ``llava_v1`` text segments.
+def dialogue(conversation) -> list[tuple[str, str]]:
+    """The ``(question, answer)`` pairs of a ShareGPT/LLaVA ``conversations`` list.
 
-    Returns ``[(text, is_answer), ...]`` whose concatenation is the prompt: alternately
-    ``"USER: {question} ASSISTANT:"`` (False) and ``" {answer}</s>"`` (True). System turns are
-    ignored; leading assistant turns (nothing to answer) and a trailing unanswered user turn
-    (nothing to learn) are dropped, as in the LLaVA/FastChat preprocessing. Raises BadSample
-    on a malformed turn, roles that do not alternate, an empty conversation or one without an
-    answer.
+    System turns are ignored; leading assistant turns (nothing to answer) and a trailing
+    unanswered user turn (nothing to learn) are dropped, as in the LLaVA/FastChat
+    preprocessing. Raises BadSample on a malformed turn, roles that do not alternate, an empty
+    conversation or one without an answer.
     """
     turns = _turns(conversation)
     while turns and turns[0][1] == ASSISTANT:
@@ -72,15 +70,23 @@ def render_llava_v1(conversation) -> list[tuple[str, bool]]:
         turns.pop()
     if not turns:
         raise BadSample("empty conversation" if not conversation else "no answer turn")
-    segments = []
-    for position, (index, role, text) in enumerate(turns):
+    for position, (index, role, _) in enumerate(turns):
         expected = USER if position % 2 == 0 else ASSISTANT
         if role != expected:
             raise BadSample("roles do not alternate", f"turn {index} is {role} where {expected} was expected")
-        if role == USER:
-            segments.append((f"{USER}: {text}{SEP}{ASSISTANT}:", False))
-        else:
-            segments.append((f" {text}{SEP2}", True))
+    return [(question[2], answer[2]) for question, answer in zip(turns[::2], turns[1::2])]
+
+
+def render_llava_v1(conversation) -> list[tuple[str, bool]]:
+    """Render a ShareGPT/LLaVA ``conversations`` list as ``llava_v1`` text segments.
+
+    Returns ``[(text, is_answer), ...]`` whose concatenation is the prompt: alternately
+    ``"USER: {question} ASSISTANT:"`` (False) and ``" {answer}</s>"`` (True), over the turns
+    :func:`dialogue` keeps (it raises BadSample on a bad conversation).
+    """
+    segments = []
+    for question, answer in dialogue(conversation):
+        segments += [(f"{USER}: {question}{SEP}{ASSISTANT}:", False), (f" {answer}{SEP2}", True)]
     return segments
 
 

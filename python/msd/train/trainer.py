@@ -67,6 +67,7 @@ from msd.train.data import MultimodalConversationDataset, TextConversationDatase
 from msd.train.evaluation import TauEvaluator, first_turn_prompts
 from msd.train.losses import feature_noise, msd_loss
 from msd.train.optim import make_optimizer, make_schedule
+from msd.train.target_data import image_check, prompt_template
 from msd.train.target_features import (
     FeatureShardDataset,
     TargetFeatureExtractor,
@@ -99,7 +100,8 @@ class TrainConfig:
     """Settings of one draft training run; each field is the ``msd train`` option of the same
     name (``--grad-accum`` for ``grad_accum``), documented by its help text."""
 
-    target: str = field(metadata={"help": "target checkpoint folder (LLaVA-1.5 / LLaVA-NeXT), kept frozen"})
+    target: str = field(metadata={"help": "target checkpoint folder (LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL / "
+                                          "Qwen2.5-VL), kept frozen"})
     output_dir: str = field(metadata={"help": "folder for the checkpoints, metrics.csv and the final draft"})
     text_data: str | None = _option(None, "stage-1 ShareGPT JSON (text-only conversations)")
     multimodal_data: str | None = _option(None, "stage-2 LLaVA instruction JSON (records with an 'image' path)")
@@ -236,16 +238,18 @@ def _collate_shards(items: list[dict]) -> dict:
 
 
 def build_datasets(text_data: str | None, multimodal_data: str | None, image_folder: str | None, processor,
-                   max_length: int) -> dict[str, Dataset]:
-    """The stage datasets present, keyed ``"text"`` / ``"multimodal"``."""
+                   max_length: int, target_config) -> dict[str, Dataset]:
+    """The stage datasets present, keyed ``"text"`` / ``"multimodal"``, in the prompt template of
+    the target of ``target_config`` and checking its images (:mod:`msd.train.target_data`)."""
     datasets = {}
+    render = prompt_template(target_config, processor)
     if text_data:
-        datasets[TEXT_FEATURES] = TextConversationDataset(text_data, processor.tokenizer, max_length)
+        datasets[TEXT_FEATURES] = TextConversationDataset(text_data, processor.tokenizer, max_length, render)
     if multimodal_data:
         if not image_folder:
             raise ValueError("multimodal data needs an image folder")
-        datasets[MULTIMODAL_FEATURES] = MultimodalConversationDataset(multimodal_data, image_folder, processor,
-                                                                      max_length)
+        datasets[MULTIMODAL_FEATURES] = MultimodalConversationDataset(
+            multimodal_data, image_folder, processor, max_length, render, image_check(target_config))
     if not datasets:
         raise ValueError("no training data: give text data, multimodal data or a features directory")
     return datasets
@@ -284,8 +288,8 @@ def _draft_inputs(batch: dict | None, extractor: TargetFeatureExtractor | None, 
         features = TargetFeatures(*(_to_device(getattr(batch["features"], f.name), device, dtype)
                                     for f in dataclasses.fields(TargetFeatures)))
     else:
-        extra = {key: _to_device(batch[key], device, dtype) for key in ("pixel_values", "image_sizes") if key in batch}
-        features = extractor(batch["input_ids"].to(device), batch["attention_mask"].to(device), **extra)
+        inputs = {name: _to_device(batch[name], device, dtype) for name in extractor.input_names if name in batch}
+        features = extractor(batch["input_ids"].to(device), batch["attention_mask"].to(device), **inputs)
     return draft_training_inputs(features, batch["loss_mask"].to(device))
 
 
@@ -309,7 +313,7 @@ def write_features(target: str, output_dir: str, text_data: str | None = None, m
     device, dtype = _device_and_dtype(device, bf16)
     model = _load_target(target, dtype).to(device)
     datasets = build_datasets(text_data, multimodal_data, image_folder,
-                              AutoProcessor.from_pretrained(processor or target), max_length)
+                              AutoProcessor.from_pretrained(processor or target), max_length, model.config)
     extractor = TargetFeatureExtractor(model)
     counts = {}
     for kind, dataset in datasets.items():
@@ -514,7 +518,7 @@ class _Run:
             lm_head = target.get_output_embeddings().to(device)
         else:
             datasets = build_datasets(config.text_data, config.multimodal_data, config.image_folder, processor,
-                                      config.max_length)
+                                      config.max_length, target.config)
             collate_fn = partial(_collate_records, pad_id=next(iter(datasets.values())).pad_id)
             self.extractor = TargetFeatureExtractor(target.to(device))
             lm_head = target.get_output_embeddings()
@@ -562,13 +566,13 @@ class _Run:
         """The tau evaluator of ``eval_data`` (rank 0's)."""
         config = self.config
         prompts = first_turn_prompts(config.eval_data, config.eval_image_folder or config.image_folder, processor,
-                                     config.eval_samples)
+                                     config.eval_samples, prompt_template(target.config, processor))
         try:
             evaluator = TauEvaluator(target, self.draft, prompts, config.eval_max_new_tokens, top_k=config.eval_top_k,
                                      depth=config.eval_depth, total_tokens=config.eval_total_tokens)
         except ValueError as error:  # the engine's checks of the tree settings
             raise ValueError(f"eval_top_k / eval_depth / eval_total_tokens: {error}") from None
-        limit = target.config.text_config.max_position_embeddings
+        limit = target.config.get_text_config().max_position_embeddings
         longest = max(prompt["input_ids"].shape[1] for prompt in prompts)
         if longest + config.eval_max_new_tokens > limit:
             raise ValueError(f"eval_max_new_tokens={config.eval_max_new_tokens} after a {longest}-token eval prompt "
