@@ -19,10 +19,11 @@ TORCH_LIBRARY(msd, m) {
       "tree_assemble(Tensor pool_tokens, Tensor pool_scores, Tensor pool_parents, "
       "Tensor root_token, int num_nodes) -> (Tensor tokens, Tensor depth, Tensor parent, "
       "Tensor mask, Tensor first_child, Tensor next_sibling)");
-  // Attention of Q new tokens over a static KV cache: whole prefix + tree (or causal).
+  // Attention of Q queries over a static KV cache: whole prefix + tree (or causal); the
+  // queries are the last Q of the tree_len tree rows (default Q).
   m.def(
       "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor prefix_len, "
-      "Tensor? tree_mask=None, float? scale=None) -> Tensor");
+      "Tensor? tree_mask=None, float? scale=None, int? tree_len=None) -> Tensor");
   // Move accepted rows next to the prefix in every K/V plane; advance prefix_len.
   m.def(
       "kv_compact(Tensor(a!) kv_cache, Tensor accepted_index, Tensor num_accepted, "

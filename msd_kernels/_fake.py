@@ -30,7 +30,7 @@ def _tree_assemble(pool_tokens, pool_scores, pool_parents, root_token, num_nodes
 
 
 @torch.library.register_fake("msd::tree_attention")
-def _tree_attention(q, k_cache, v_cache, prefix_len, tree_mask=None, scale=None):
+def _tree_attention(q, k_cache, v_cache, prefix_len, tree_mask=None, scale=None, tree_len=None):
     # Contiguous, as both kernels return it (q is often a transposed view; empty_like would
     # copy its strides, and a later view() valid on those would fail on the real output).
     return q.new_empty(q.shape)

@@ -160,6 +160,7 @@ def tree_attention(
     prefix_len: torch.Tensor,
     tree_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    tree_len: int | None = None,
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -167,8 +168,10 @@ def tree_attention(
 
     See :func:`reference.tree_attention`. ``q`` ``[B, Hq, Q, D]``; ``k_cache``/``v_cache``
     ``[B, Hkv, S_max, D]`` (same dtype as ``q``, ``Hq % Hkv == 0``, ``Q <= S_max``, the
-    new tokens' K/V already at ``prefix_len .. prefix_len + Q - 1``); ``prefix_len``
-    ``[B]`` int32; ``tree_mask`` ``[B, Q, ceil(Q/64)]`` int64 or None (causal).
+    tree section's K/V already at ``prefix_len .. prefix_len + tree_len - 1``, the queries'
+    own rows last); ``prefix_len`` ``[B]`` int32; ``tree_mask``
+    ``[B, Q, ceil(tree_len/64)]`` int64 or None (causal); ``tree_len`` an int in
+    ``[Q, S_max]``, default ``Q`` (the queries are the whole tree section).
     Returns ``[B, Hq, Q, D]`` in ``q``'s dtype.
 
     On CUDA the hand-written kernel serves float16/bfloat16 with head_dim 64/80/96/128;
@@ -185,21 +188,25 @@ def tree_attention(
         raise ValueError(
             f"k_cache: query heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})"
         )
+    if num_new == 0:
+        raise ValueError("q: needs at least one query (q.shape[2] >= 1)")
     if num_new > max_len:
         raise ValueError(f"q: {num_new} new tokens do not fit in a cache of {max_len} rows (k_cache)")
+    # The queries are the last Q rows of the tree section, which must fit in the cache.
+    tree_rows = num_new if tree_len is None else _checks.integer("tree_len", tree_len, low=num_new, high=max_len)
     _checks.tensor("prefix_len", prefix_len, shape=(batch,), dtypes=_I32, device=device)
     if tree_mask is not None:
-        words = reference.mask_words(num_new)
+        words = reference.mask_words(tree_rows)
         _checks.tensor("tree_mask", tree_mask, shape=(batch, num_new, words), dtypes=_I64, device=device)
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if _use_reference(backend):
-        _check_fits("prefix_len", prefix_len, num_new, max_len)
-        return reference.tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+        _check_fits("prefix_len", prefix_len, tree_rows, max_len)
+        return reference.tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, scale, tree_len)
     if q.is_cuda and not composite.cuda_attention_kernel_covers(q):
-        return composite.tree_attention_sdpa(q, k_cache, v_cache, prefix_len, tree_mask, scale)
+        return composite.tree_attention_sdpa(q, k_cache, v_cache, prefix_len, tree_mask, scale, tree_len)
     return torch.ops.msd.tree_attention(
-        q, k_cache, v_cache, prefix_len, tree_mask, None if scale is None else float(scale)
+        q, k_cache, v_cache, prefix_len, tree_mask, None if scale is None else float(scale), tree_len
     )
 
 

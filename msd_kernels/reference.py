@@ -27,6 +27,7 @@ __all__ = [
     "philox_uniform",
     "tree_expand",
     "tree_assemble",
+    "tree_visibility",
     "tree_attention",
     "kv_compact",
     "verify_greedy",
@@ -211,6 +212,21 @@ def tree_assemble(
 
 
 # --------------------------------------------------------------------------- op 2
+def tree_visibility(
+    tree_mask: torch.Tensor | None, batch: int, num_new: int, tree_len: int, device: torch.device
+) -> torch.Tensor:
+    """Which tree rows each query sees: bool ``[B, Q, tree_len]``.
+
+    ``tree_mask`` ``[B, Q, ceil(tree_len/64)]`` unpacked, or for None the causal rule: the
+    queries are the last ``Q`` tree rows and query ``i`` sees tree rows
+    ``0 .. tree_len - Q + i`` (up to and including its own).
+    """
+    if tree_mask is not None:
+        return unpack_mask(tree_mask, tree_len)
+    causal = torch.ones(num_new, tree_len, dtype=torch.bool, device=device).tril(tree_len - num_new)
+    return causal.expand(batch, num_new, tree_len)
+
+
 def tree_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -218,21 +234,29 @@ def tree_attention(
     prefix_len: torch.Tensor,
     tree_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    tree_len: int | None = None,
 ) -> torch.Tensor:
-    """Attention of a chunk of ``Q`` new tokens over a static KV cache.
+    """Attention of ``Q`` queries, the last rows of a tree section, over a static KV cache.
 
     Args:
         q: ``[B, Hq, Q, D]`` queries of the new tokens.
         k_cache / v_cache: ``[B, Hkv, S_max, D]``; for each sequence ``b`` rows
             ``0 .. prefix_len[b] - 1`` hold the prefix and rows
-            ``prefix_len[b] .. prefix_len[b] + Q - 1`` the new tokens. ``Hq % Hkv == 0``
-            (grouped-query attention: query head h reads kv head ``h // (Hq // Hkv)``).
+            ``prefix_len[b] .. prefix_len[b] + tree_len - 1`` the tree section, whose last
+            ``Q`` rows are the queries' own tokens (query ``i`` is tree row
+            ``tree_len - Q + i``). ``Hq % Hkv == 0`` (grouped-query attention: query head
+            h reads kv head ``h // (Hq // Hkv)``).
         prefix_len: ``[B]`` int32.
-        tree_mask: ``[B, Q, ceil(Q/64)]`` int64 packed mask over the new tokens, or None
-            for a plain causal chunk (token i sees new tokens 0..i).
+        tree_mask: ``[B, Q, ceil(tree_len/64)]`` int64 packed mask over the tree rows (bit j
+            of row i: tree row j is visible to query i), or None for a causal chunk (query
+            i sees tree rows ``0 .. tree_len - Q + i``).
         scale: softmax scale, default ``1 / sqrt(D)``.
+        tree_len: rows of the tree section, ``Q <= tree_len``; default (None) ``Q``: the
+            queries are the whole section, the new tokens of a verification or a chunk.
+            Larger for the draft's tree levels: level d of a tree of top-k k has its k
+            nodes after the d*k rows of the earlier levels (``tree_len = (d+1)*k``).
 
-    Every query sees the whole prefix plus the new tokens its mask row allows. A row
+    Every query sees the whole prefix plus the tree rows its mask row allows. A row
     that sees nothing (empty prefix and empty mask row) outputs zeros.
 
     Returns:
@@ -241,20 +265,17 @@ def tree_attention(
     batch, num_q_heads, num_new, head_dim = q.shape
     group = num_q_heads // k_cache.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    if tree_mask is None:
-        allowed_new = torch.ones(num_new, num_new, dtype=torch.bool, device=q.device).tril()
-        allowed_new = allowed_new.expand(batch, num_new, num_new)
-    else:
-        allowed_new = unpack_mask(tree_mask, num_new)
+    tree_len = num_new if tree_len is None else tree_len
+    allowed_tree = tree_visibility(tree_mask, batch, num_new, tree_len, q.device)  # [B, Q, tree_len]
 
     out = torch.empty_like(q)
     for b in range(batch):
         prefix = int(prefix_len[b])
-        total = prefix + num_new
+        total = prefix + tree_len
         keys = k_cache[b, :, :total].float().repeat_interleave(group, dim=0)
         values = v_cache[b, :, :total].float().repeat_interleave(group, dim=0)
         allowed = torch.ones(num_new, total, dtype=torch.bool, device=q.device)
-        allowed[:, prefix:] = allowed_new[b]
+        allowed[:, prefix:] = allowed_tree[b]
         scores = (q[b].float() @ keys.transpose(-1, -2)) * scale  # [Hq, Q, total]
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty rows -> zeros

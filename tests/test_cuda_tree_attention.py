@@ -1,9 +1,10 @@
 """CUDA tree_attention (csrc/cuda/tree_attention.cu) against the reference.
 
 CUDA only: the shared CPU/CUDA tests use the ``device`` fixture; these add the LLaVA-7B
-shapes (32 heads, D = 128, bf16, a 60-token tree over 1-4 K prefixes), CUDA-graph replay
-with new prefix lengths, and the kernel's fp32 / head_dim rejections (which the wrapper
-routes to the SDPA composition). Random queries are scaled up so that the
+shapes (32 heads, D = 128, bf16, a 60-token tree over 1-4 K prefixes; the draft's tree
+levels, whose queries are the last rows of a longer tree section: ``tree_len``), CUDA-graph
+replay with new prefix lengths, and the kernel's fp32 / head_dim rejections (which the
+wrapper routes to the SDPA composition). Random queries are scaled up so that the
 softmax is peaked: the outputs are then O(1) and a key read or dropped by mistake shows
 far above the bf16 tolerance.
 """
@@ -26,35 +27,40 @@ TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
 QUERY_GAIN = 3.0  # logits ~ N(0, 9): a few keys dominate each row
 
 
-def random_tree_mask(batch: int, num_new: int, generator: torch.Generator) -> torch.Tensor:
-    """Packed ancestor masks ``[B, Q, ceil(Q/64)]`` of random trees (parent of i is < i)."""
-    dense = torch.zeros(batch, num_new, num_new, dtype=torch.bool)
+def random_tree_mask(batch: int, num_new: int, generator: torch.Generator, tree_len: int | None = None
+                     ) -> torch.Tensor:
+    """Packed ancestor masks ``[B, Q, ceil(tree_len/64)]`` of random trees of ``tree_len``
+    (default Q) nodes, parent of i < i: the rows of the last Q nodes, the queries."""
+    tree_len = num_new if tree_len is None else tree_len
+    dense = torch.zeros(batch, tree_len, tree_len, dtype=torch.bool)
     for b in range(batch):
-        for i in range(num_new):
+        for i in range(tree_len):
             if i > 0:
                 parent = int(torch.randint(0, i, (1,), generator=generator))
                 dense[b, i] = dense[b, parent]
             dense[b, i, i] = True
-    return reference.pack_mask(dense).to(CUDA)
+    return reference.pack_mask(dense[:, tree_len - num_new :]).to(CUDA)
 
 
-def make_inputs(batch, q_heads, kv_heads, num_new, head_dim, prefix, max_len, dtype, seed):
-    """Random q/k/v on CUDA; cache rows past ``prefix + Q`` are NaN (they must not be read)."""
+def make_inputs(batch, q_heads, kv_heads, num_new, head_dim, prefix, max_len, dtype, seed, tree_len=None):
+    """Random q/k/v on CUDA; cache rows past ``prefix + tree_len`` (default ``tree_len = Q``)
+    are NaN (they must not be read)."""
     g = torch.Generator(device=CUDA).manual_seed(seed)
     q = QUERY_GAIN * torch.randn(batch, q_heads, num_new, head_dim, generator=g, device=CUDA)
     k = torch.randn(batch, kv_heads, max_len, head_dim, generator=g, device=CUDA)
     v = torch.randn(batch, kv_heads, max_len, head_dim, generator=g, device=CUDA)
+    end = num_new if tree_len is None else tree_len
     for b, length in enumerate(prefix):
-        k[b, :, length + num_new :] = math.nan
-        v[b, :, length + num_new :] = math.nan
+        k[b, :, length + end :] = math.nan
+        v[b, :, length + end :] = math.nan
     prefix_len = torch.tensor(prefix, dtype=torch.int32, device=CUDA)
     return q.to(dtype), k.to(dtype), v.to(dtype), prefix_len
 
 
-def assert_matches_reference(q, k, v, prefix_len, tree_mask=None, scale=None):
+def assert_matches_reference(q, k, v, prefix_len, tree_mask=None, scale=None, tree_len=None):
     """The compiled op equals the reference within the dtype's tolerance, also on average."""
-    out = msd_kernels.tree_attention(q, k, v, prefix_len, tree_mask, scale, backend="compiled")
-    expected = reference.tree_attention(q, k, v, prefix_len, tree_mask, scale)
+    out = msd_kernels.tree_attention(q, k, v, prefix_len, tree_mask, scale, tree_len, backend="compiled")
+    expected = reference.tree_attention(q, k, v, prefix_len, tree_mask, scale, tree_len)
     assert out.dtype == q.dtype and out.shape == q.shape
     tol = TOLERANCE[q.dtype]
     torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
@@ -101,6 +107,30 @@ def test_causal_chunk_q128(prefix):
     # mask=None means exactly the lower-triangular tree mask: same keys, same arithmetic.
     tril = reference.pack_mask(torch.ones(128, 128, dtype=torch.bool).tril()).expand(2, -1, -1).to(CUDA)
     assert torch.equal(msd_kernels.tree_attention(q, k, v, prefix_len, tril, backend="compiled"), out)
+
+
+@pytest.mark.parametrize("level", [0, 1, 3, 8])
+def test_llava7b_draft_level(level):
+    # The draft's tree level d (top-k 8): its 8 nodes are the last rows of a (d+1)*8-row tree
+    # section (two mask words at d = 8) over a long prefix; batch 2 with different prefixes.
+    g = torch.Generator().manual_seed(level)
+    tree_len = (level + 1) * 8
+    q, k, v, prefix_len = make_inputs(2, 32, 32, 8, 128, [3001, 1024], 3001 + tree_len + 40, torch.bfloat16,
+                                      level, tree_len)
+    assert_matches_reference(q, k, v, prefix_len, random_tree_mask(2, 8, g, tree_len), tree_len=tree_len)
+
+
+@pytest.mark.parametrize("num_new, tree_len", [(1, 40), (8, 72), (64, 130)])
+def test_causal_tree_len_is_the_shifted_tril_mask(num_new, tree_len):
+    # mask=None with tree_len: query i sees tree rows 0 .. tree_len - Q + i, exactly the mask
+    # tril(tree_len - Q): same keys, same arithmetic.
+    q, k, v, prefix_len = make_inputs(2, 8, 2, num_new, 64, [700, 0], 700 + tree_len, torch.bfloat16, num_new,
+                                      tree_len)
+    out = assert_matches_reference(q, k, v, prefix_len, tree_len=tree_len)
+    tril = torch.ones(num_new, tree_len, dtype=torch.bool).tril(tree_len - num_new)
+    mask = reference.pack_mask(tril).expand(2, -1, -1).to(CUDA)
+    assert torch.equal(msd_kernels.tree_attention(q, k, v, prefix_len, mask, tree_len=tree_len, backend="compiled"),
+                       out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -200,24 +230,26 @@ def test_tree_row_equals_attention_over_its_path():
         torch.testing.assert_close(out[:, :, i : i + 1].float(), expected, atol=2e-2, rtol=2e-2)
 
 
-def test_cuda_graph_replay_reads_prefix_len_on_device():
+@pytest.mark.parametrize("tree_len", [None, 100])
+def test_cuda_graph_replay_reads_prefix_len_on_device(tree_len):
     # Captured once, replayed with new prefix lengths written into the same tensor.
     g = torch.Generator().manual_seed(11)
     # Built with the longest prefix (no NaN rows), then replayed with shorter ones.
-    q, k, v, prefix_len = make_inputs(2, 32, 8, 60, 128, [2940, 2940], 3000, torch.bfloat16, 11)
-    mask = random_tree_mask(2, 60, g)
+    longest = 3000 - (60 if tree_len is None else tree_len)
+    q, k, v, prefix_len = make_inputs(2, 32, 8, 60, 128, [longest, longest], 3000, torch.bfloat16, 11, tree_len)
+    mask = random_tree_mask(2, 60, g, tree_len)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs asks
-        msd_kernels.tree_attention(q, k, v, prefix_len, mask, backend="compiled")
+        msd_kernels.tree_attention(q, k, v, prefix_len, mask, tree_len=tree_len, backend="compiled")
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = msd_kernels.tree_attention(q, k, v, prefix_len, mask, backend="compiled")
+        out = msd_kernels.tree_attention(q, k, v, prefix_len, mask, tree_len=tree_len, backend="compiled")
     for lengths in ([100, 50], [2900, 1], [0, 1234]):
         prefix_len.copy_(torch.tensor(lengths, dtype=torch.int32))
         graph.replay()
-        expected = reference.tree_attention(q, k, v, prefix_len, mask)
+        expected = reference.tree_attention(q, k, v, prefix_len, mask, None, tree_len)
         torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
@@ -227,40 +259,57 @@ def test_kernel_rejects_float32_with_a_clear_error():
         torch.ops.msd.tree_attention(q, k, v, prefix_len, None, None)
 
 
+def test_kernel_rejects_a_bad_tree_len():
+    q, k, v, prefix_len = make_inputs(1, 2, 2, 3, 64, [5], 80, torch.bfloat16, 0, tree_len=70)
+    for tree_len in (2, 81):  # < Q, > S_max
+        with pytest.raises(RuntimeError, match="tree_len"):
+            torch.ops.msd.tree_attention(q, k, v, prefix_len, None, None, tree_len)
+    g = torch.Generator().manual_seed(0)
+    two_words = random_tree_mask(1, 3, g, tree_len=70)
+    with pytest.raises(RuntimeError, match="tree_mask"):  # one word: sized for Q, not tree_len
+        torch.ops.msd.tree_attention(q, k, v, prefix_len, two_words[..., :1], None, 70)
+    assert_matches_reference(q, k, v, prefix_len, two_words, None, 70)
+
+
 def test_kernel_rejects_an_unsupported_head_dim():
     q, k, v, prefix_len = make_inputs(1, 2, 2, 3, 48, [5], 16, torch.bfloat16, 0)
     with pytest.raises(RuntimeError, match="head_dim must be 64, 80, 96 or 128"):
         torch.ops.msd.tree_attention(q, k, v, prefix_len, None, None)
 
 
+@pytest.mark.parametrize("tree_len", [None, 20])
 @pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 64), (torch.bfloat16, 48), (torch.float16, 256)])
-def test_wrapper_runs_uncovered_inputs_through_sdpa(dtype, head_dim):
+def test_wrapper_runs_uncovered_inputs_through_sdpa(dtype, head_dim, tree_len):
     """What the kernel rejects, msd_kernels.tree_attention still computes (SDPA composition)."""
-    q, k, v, prefix_len = make_inputs(2, 4, 2, 9, head_dim, [5, 30], 64, dtype, 1)
+    q, k, v, prefix_len = make_inputs(2, 4, 2, 9, head_dim, [5, 30], 64, dtype, 1, tree_len)
     k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)  # the composition weighs unused rows by 0: finite
-    out = msd_kernels.tree_attention(q, k, v, prefix_len, backend="compiled")
-    expected = msd_kernels.tree_attention(q, k, v, prefix_len, backend="reference")
+    out = msd_kernels.tree_attention(q, k, v, prefix_len, tree_len=tree_len, backend="compiled")
+    expected = msd_kernels.tree_attention(q, k, v, prefix_len, tree_len=tree_len, backend="reference")
     torch.testing.assert_close(out.float(), expected.float(), atol=TOLERANCE.get(dtype, 1e-5),
                                rtol=TOLERANCE.get(dtype, 1e-5))
 
 
-@settings(max_examples=120)
+@settings(max_examples=180)
 @given(
     batch=st.integers(1, 3),
     kv_heads=st.integers(1, 3),
     group=st.sampled_from([1, 2, 4, 8]),
     num_new=st.integers(1, 140),
+    extra=st.just(0) | st.integers(1, 140),
     head_dim=st.sampled_from([64, 80, 96, 128]),
     dtype=st.sampled_from([torch.float16, torch.bfloat16]),
     causal=st.booleans(),
     slack=st.integers(0, 300),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_random_shapes_match_reference(batch, kv_heads, group, num_new, head_dim, dtype, causal, slack, seed):
+def test_random_shapes_match_reference(batch, kv_heads, group, num_new, extra, head_dim, dtype, causal, slack,
+                                       seed):
+    # extra > 0: tree_len = Q + extra, the queries are the last rows of the tree section.
     g = torch.Generator().manual_seed(seed)
-    max_len = num_new + slack
+    tree_len = num_new + extra if extra else None
+    max_len = num_new + extra + slack
     prefixes = [int(torch.randint(0, slack + 1, (1,), generator=g)) for _ in range(batch)]
     q, k, v, prefix_len = make_inputs(batch, kv_heads * group, kv_heads, num_new, head_dim, prefixes, max_len,
-                                      dtype, seed)
-    mask = None if causal else random_tree_mask(batch, num_new, g)
-    assert_matches_reference(q, k, v, prefix_len, mask)
+                                      dtype, seed, tree_len)
+    mask = None if causal else random_tree_mask(batch, num_new, g, tree_len)
+    assert_matches_reference(q, k, v, prefix_len, mask, tree_len=tree_len)

@@ -105,8 +105,14 @@ STRUCTURAL_CASES = [
     ("tree_attention", lambda: with_(attention_args(), tree_mask=torch.zeros(2, 5, 2, dtype=torch.int64)),
      "tree_mask"),
     ("tree_attention", lambda: with_(attention_args(num_new=40, max_len=32), tree_mask=None), "q"),
+    ("tree_attention", lambda: with_(attention_args(), q=torch.randn(2, 4, 0, 16), tree_mask=None), "q"),  # Q = 0
     ("tree_attention", lambda: with_(attention_args(), v_cache=torch.randn(2, 2, 32, 16, device="meta")),
      "v_cache"),
+    ("tree_attention", lambda: with_(attention_args(), tree_len=4), "tree_len"),  # < Q = 5
+    ("tree_attention", lambda: with_(attention_args(), tree_len=33), "tree_len"),  # > S_max = 32
+    ("tree_attention", lambda: with_(attention_args(), tree_len=6.0), "tree_len"),
+    ("tree_attention", lambda: with_(attention_args(), tree_len=True), "tree_len"),
+    ("tree_attention", lambda: with_(attention_args(max_len=80), tree_len=70), "tree_mask"),  # needs 2 words
     ("kv_compact", lambda: with_(compact_args(), kv_cache=torch.randn(2, 2, 16, 8)), "kv_cache"),
     ("kv_compact", lambda: with_(compact_args(), accepted_index=torch.zeros(2, 4, dtype=torch.int32)),
      "accepted_index"),
@@ -135,6 +141,7 @@ VALUE_CASES = [
      "prefix_len"),
     ("tree_attention", lambda: with_(attention_args(), prefix_len=torch.tensor([-1, 3], dtype=torch.int32)),
      "prefix_len"),
+    ("tree_attention", lambda: with_(attention_args(), tree_len=24), "prefix_len"),  # 9 + 24 > S_max = 32
     ("kv_compact", lambda: with_(compact_args(), num_accepted=torch.tensor([4, 1])), "num_accepted"),
     ("kv_compact", lambda: with_(compact_args(), accepted_index=torch.tensor([[0, 2, 11, -1], [0, 1, -1, -1]])),
      "accepted_index"),
@@ -244,3 +251,21 @@ def test_all_ops_compile_fullgraph():
     # the in-place updates happened under compile too
     for index in (3, 6, 8):  # kv cache, prefix_len, rng_state
         torch.testing.assert_close(compiled_inputs[index], eager_inputs[index])
+
+
+def test_tree_attention_tree_len_compiles_fullgraph():
+    """A draft tree level (queries after earlier tree rows: tree_len > Q) traces whole."""
+    top_k, level = 4, 2
+    tree_len = (level + 1) * top_k
+    args = attention_args(num_new=top_k)
+    args["tree_mask"] = mk.pack_mask(torch.rand(2, top_k, tree_len) < 0.5)
+
+    def level_attention(q, k_cache, v_cache, prefix_len, tree_mask):
+        masked = mk.tree_attention(q, k_cache, v_cache, prefix_len, tree_mask, tree_len=tree_len)
+        causal = mk.tree_attention(q, k_cache, v_cache, prefix_len, tree_len=tree_len)
+        return masked, causal
+
+    got = torch.compile(level_attention, fullgraph=True, backend="aot_eager")(**args)
+    torch.testing.assert_close(got, level_attention(**args))
+    expected = mk.tree_attention(**args, tree_len=tree_len, backend="reference")
+    torch.testing.assert_close(got[0], expected)

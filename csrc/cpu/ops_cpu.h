@@ -36,8 +36,9 @@ Tensor tree_attention(
     const Tensor& k_cache,                   // [B, Hkv, S_max, D]
     const Tensor& v_cache,                   // [B, Hkv, S_max, D]
     const Tensor& prefix_len,                // [B] int32
-    const std::optional<Tensor>& tree_mask,  // [B, Q, ceil(Q/64)] int64 or None (causal)
-    std::optional<double> scale);
+    const std::optional<Tensor>& tree_mask,  // [B, Q, ceil(tree_len/64)] int64 or None (causal)
+    std::optional<double> scale,
+    std::optional<int64_t> tree_len);        // tree rows, the queries last; None = Q
 
 // kv_compact.cpp
 void kv_compact(

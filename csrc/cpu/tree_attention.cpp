@@ -1,11 +1,12 @@
-// tree_attention on CPU: attention of Q new tokens over a static KV cache; every query sees
-// the whole prefix plus the new tokens its packed tree-mask row allows (a causal chunk when
-// there is no mask). Semantics: msd_kernels/reference.py::tree_attention.
+// tree_attention on CPU: attention of Q queries over a static KV cache; every query sees
+// the whole prefix plus the tree rows its packed tree-mask row allows (a causal chunk when
+// there is no mask). The queries are the last Q of the tree_len tree rows (tree_len = Q
+// but for the draft's tree levels). Semantics: msd_kernels/reference.py::tree_attention.
 //
 // Flash-style: one work item is (sequence, kv head, block of query rows), where the rows of
 // a kv head are its `group` query heads x Q queries (contiguous in q), so that grouped
 // heads share every key block. An online softmax in float32 runs over blocks of the cache
-// rows 0 .. prefix + Q - 1; the mask is only tested on the blocks' new-token columns. The
+// rows 0 .. prefix + tree_len - 1; the mask is only tested on the blocks' tree columns. The
 // two products of a block are oneDNN batch-reduce GEMM micro-kernels (ATen's cpublas::brgemm,
 // which also serves ATen's own CPU flash attention); this file only packs their operands and
 // does the softmax. A block always spans kKeyBlock keys (a short one is zero-padded), so
@@ -158,8 +159,9 @@ const float* cache_block(
 // What every work item shares.
 struct Geometry {
   int64_t num_new;     // Q
+  int64_t tree_len;    // tree rows after the prefix, >= Q; query i is tree row tree_len - Q + i
   int64_t head_dim;    // D
-  int64_t mask_words;  // words per mask row
+  int64_t mask_words;  // words per mask row, ceil(tree_len/64)
   float scale;
 };
 
@@ -171,7 +173,7 @@ void attend_rows(
     int64_t first_row, int64_t rows,
     const KvHead<scalar_t>& kv,
     int64_t prefix,        // prefix_len of this sequence
-    const int64_t* mask,   // [Q, mask_words] packed rows of this sequence, nullptr = causal
+    const int64_t* mask,   // [Q, ceil(tree_len/64)] packed rows of this sequence, nullptr = causal
     const Geometry& g, Scratch& s) {
   const int64_t dim = g.head_dim;
   // Scores are computed transposed, scores^T = K (q * scale)^T, so that K is read in place
@@ -184,25 +186,27 @@ void attend_rows(
   std::fill(s.row_sum.begin(), s.row_sum.end(), 0.f);
   std::fill(s.acc.begin(), s.acc.end(), 0.f);
 
-  const int64_t total = prefix + g.num_new;
+  const int64_t total = prefix + g.tree_len;
   for (int64_t first = 0; first < total; first += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, total - first);
     int64_t k_stride = 0, v_stride = 0;
     const float* k = cache_block(kv.k, kv.k_row_stride, first, n, dim, s.k.data(), k_stride);
     brgemm(kKeyBlock, rows, dim, k_stride, rows, rows, false, k, s.q_t.data(), s.scores_t.data());
     // scores = scores_t^T; columns [n, kKeyBlock) are padding, columns from `prefix` on are
-    // new tokens, masked.
-    const int64_t first_new = std::clamp(prefix - first, int64_t{0}, n);
+    // tree rows, masked.
+    const int64_t first_tree = std::clamp(prefix - first, int64_t{0}, n);
     for (int64_t r = 0; r < rows; ++r) {
       float* row = s.scores.data() + r * kKeyBlock;
       for (int64_t j = 0; j < n; ++j) row[j] = s.scores_t[j * rows + r];
+      std::fill(row + n, row + kKeyBlock, kNegInf);
+      if (first_tree == n) continue;  // prefix keys only (most blocks): all visible
       const int64_t query = (first_row + r) % g.num_new;
-      for (int64_t j = first_new; j < n; ++j) {
-        const int64_t token = first + j - prefix;
-        const bool visible = mask ? mask_test(mask + query * g.mask_words, token) : token <= query;
+      const int64_t causal_limit = g.tree_len - g.num_new + query;  // the query's own tree row
+      for (int64_t j = first_tree; j < n; ++j) {
+        const int64_t token = first + j - prefix;  // tree row
+        const bool visible = mask ? mask_test(mask + query * g.mask_words, token) : token <= causal_limit;
         if (!visible) row[j] = kNegInf;
       }
-      std::fill(row + n, row + kKeyBlock, kNegInf);
     }
     online_softmax_step(s.scores.data(), s.row_max.data(), s.row_sum.data(), s.acc.data(), rows, dim);
     // acc += P @ V
@@ -218,7 +222,7 @@ void attend_rows(
 
 void check_inputs(
     const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& prefix_len,
-    const std::optional<Tensor>& tree_mask) {
+    const std::optional<Tensor>& tree_mask, std::optional<int64_t> tree_len_arg) {
   TORCH_CHECK(q.dim() == 4, "tree_attention: q must be [B, Hq, Q, D], got ", q.sizes());
   const auto dtype = q.scalar_type();
   TORCH_CHECK(
@@ -244,12 +248,16 @@ void check_inputs(
       prefix_len.dim() == 1 && prefix_len.size(0) == batch && prefix_len.scalar_type() == at::kInt,
       "tree_attention: prefix_len must be [B] = [", batch, "] int32, got ", prefix_len.sizes(), " ",
       prefix_len.scalar_type());
+  const int64_t tree_len = tree_len_arg.value_or(num_new);
+  TORCH_CHECK(
+      num_new <= tree_len && tree_len <= k_cache.size(2), "tree_attention: tree_len = ", tree_len,
+      " must be in [Q, S_max] = [", num_new, ", ", k_cache.size(2), "]");
   if (tree_mask) {
     TORCH_CHECK(
-        tree_mask->sizes() == at::IntArrayRef({batch, num_new, mask_words(num_new)}) &&
+        tree_mask->sizes() == at::IntArrayRef({batch, num_new, mask_words(tree_len)}) &&
             tree_mask->scalar_type() == at::kLong,
-        "tree_attention: tree_mask must be [B, Q, ceil(Q/64)] = [", batch, ", ", num_new, ", ",
-        mask_words(num_new), "] int64, got ", tree_mask->sizes(), " ", tree_mask->scalar_type());
+        "tree_attention: tree_mask must be [B, Q, ceil(tree_len/64)] = [", batch, ", ", num_new, ", ",
+        mask_words(tree_len), "] int64, got ", tree_mask->sizes(), " ", tree_mask->scalar_type());
   }
   for (const Tensor* t : {&q, &k_cache, &v_cache, &prefix_len}) {
     TORCH_CHECK(t->is_cpu(), "tree_attention: the CPU kernel needs every input on the CPU");
@@ -264,10 +272,12 @@ Tensor tree_attention(
     const Tensor& k_cache,                   // [B, Hkv, S_max, D] q's dtype
     const Tensor& v_cache,                   // [B, Hkv, S_max, D] q's dtype
     const Tensor& prefix_len,                // [B] int32
-    const std::optional<Tensor>& tree_mask,  // [B, Q, ceil(Q/64)] int64 or None (causal)
-    std::optional<double> scale) {
-  check_inputs(q, k_cache, v_cache, prefix_len, tree_mask);
+    const std::optional<Tensor>& tree_mask,  // [B, Q, ceil(tree_len/64)] int64 or None (causal)
+    std::optional<double> scale,             // softmax scale or None: 1/sqrt(D)
+    std::optional<int64_t> tree_len_arg) {   // tree rows >= Q, the queries last; None: Q
+  check_inputs(q, k_cache, v_cache, prefix_len, tree_mask, tree_len_arg);
   const int64_t batch = q.size(0), num_q_heads = q.size(1), num_new = q.size(2), head_dim = q.size(3);
+  const int64_t tree_len = tree_len_arg.value_or(num_new);
   const int64_t num_kv_heads = k_cache.size(1), max_len = k_cache.size(2);
   const int64_t group = num_q_heads / num_kv_heads;
 
@@ -276,9 +286,9 @@ Tensor tree_attention(
   int64_t longest_prefix = 0;
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK(
-        prefix_ptr[b] >= 0 && prefix_ptr[b] + num_new <= max_len, "tree_attention: prefix_len[", b,
-        "] = ", prefix_ptr[b], " must be >= 0 and leave room for Q = ", num_new,
-        " new tokens in a cache of S_max = ", max_len, " rows");
+        prefix_ptr[b] >= 0 && prefix_ptr[b] + tree_len <= max_len, "tree_attention: prefix_len[", b,
+        "] = ", prefix_ptr[b], " must be >= 0 and leave room for tree_len = ", tree_len,
+        " tree rows in a cache of S_max = ", max_len, " rows");
     longest_prefix = std::max<int64_t>(longest_prefix, prefix_ptr[b]);
   }
 
@@ -288,9 +298,9 @@ Tensor tree_attention(
   const Tensor k = k_cache.stride(3) == 1 ? k_cache : k_cache.contiguous();
   const Tensor v = v_cache.stride(3) == 1 ? v_cache : v_cache.contiguous();
   const Tensor mask = tree_mask ? tree_mask->contiguous() : Tensor();
-  const int64_t words = mask_words(num_new);
+  const int64_t words = mask_words(tree_len);
   const Geometry geometry{
-      num_new, head_dim, words,
+      num_new, tree_len, head_dim, words,
       static_cast<float>(scale.value_or(1.0 / std::sqrt(static_cast<double>(head_dim))))};
   Tensor out = at::empty_like(q_c);
 
@@ -299,7 +309,7 @@ Tensor tree_attention(
   const int64_t head_rows = group * num_new;
   const int64_t row_blocks = (head_rows + kMaxRows - 1) / kMaxRows;
   const int64_t block_rows = (head_rows + row_blocks - 1) / row_blocks;
-  const int64_t item_macs = 2 * block_rows * (longest_prefix + num_new) * head_dim;  // QK^T and PV
+  const int64_t item_macs = 2 * block_rows * (longest_prefix + tree_len) * head_dim;  // QK^T and PV
   const int64_t grain = std::max<int64_t>(1, kMinTaskMacs / std::max<int64_t>(1, item_macs));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention", [&] {
     const scalar_t* q_ptr = q_c.const_data_ptr<scalar_t>();

@@ -37,7 +37,7 @@ cudaError_t launch(const TreeAttentionProblem& p, const TreeAttentionSplit& spli
   split_kernel<<<grid, kThreads, smem, stream>>>(
       static_cast<const T*>(p.q), strides(p.q_strides), static_cast<const T*>(p.k_cache), strides(p.k_strides),
       static_cast<const T*>(p.v_cache), strides(p.v_strides), p.prefix_len, p.tree_mask, partial_out, partial_lse,
-      p.num_q_heads, p.num_kv_heads, p.num_new, p.max_len, split.tiles_per_split,
+      p.num_q_heads, p.num_kv_heads, p.num_new, p.tree_len, p.max_len, split.tiles_per_split,
       p.scale * attention::kLog2e);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;

@@ -34,8 +34,13 @@ void check_on_device(const char* name, const Tensor& t, const Tensor& q) {
               " like q, got ", t.device());
 }
 
-Tensor tree_attention_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& prefix_len,
-                           const std::optional<Tensor>& tree_mask, std::optional<double> scale) {
+Tensor tree_attention_cuda(const Tensor& q,                         // [B, Hq, Q, D] float16/bfloat16
+                           const Tensor& k_cache,                   // [B, Hkv, S_max, D] q's dtype
+                           const Tensor& v_cache,                   // [B, Hkv, S_max, D] q's dtype
+                           const Tensor& prefix_len,                // [B] int32
+                           const std::optional<Tensor>& tree_mask,  // [B, Q, ceil(tree_len/64)] int64 or None
+                           std::optional<double> scale,             // None: 1/sqrt(D)
+                           std::optional<int64_t> tree_len_arg) {   // tree rows >= Q, queries last; None: Q
   TORCH_CHECK(q.is_cuda(), "tree_attention: q must be a CUDA tensor, got ", q.device());
   check_on_device("k_cache", k_cache, q);
   check_on_device("v_cache", v_cache, q);
@@ -60,17 +65,20 @@ Tensor tree_attention_cuda(const Tensor& q, const Tensor& k_cache, const Tensor&
               num_kv_heads, ") must divide the query heads of q (", num_q_heads, ")");
   TORCH_CHECK(num_new <= max_len, "tree_attention: q has ", num_new, " new tokens, more than the ", max_len,
               " rows of k_cache");
+  const int64_t tree_len = tree_len_arg.value_or(num_new);
+  TORCH_CHECK(num_new <= tree_len && tree_len <= max_len, "tree_attention: tree_len = ", tree_len,
+              " must be in [Q, S_max] = [", num_new, ", ", max_len, "]");
   TORCH_CHECK(prefix_len.dim() == 1 && prefix_len.size(0) == batch && prefix_len.scalar_type() == at::kInt,
               "tree_attention: prefix_len must be [B=", batch, "] int32, got shape ", prefix_len.sizes(), " ",
               prefix_len.scalar_type());
   Tensor mask;
   if (tree_mask.has_value()) {
     check_on_device("tree_mask", *tree_mask, q);
-    const int64_t words = (num_new + 63) / 64;
+    const int64_t words = (tree_len + 63) / 64;
     TORCH_CHECK(tree_mask->scalar_type() == at::kLong && tree_mask->dim() == 3 && tree_mask->size(0) == batch &&
                     tree_mask->size(1) == num_new && tree_mask->size(2) == words,
-                "tree_attention: tree_mask must be [B=", batch, ", Q=", num_new, ", ", words, "] int64, got shape ",
-                tree_mask->sizes(), " ", tree_mask->scalar_type());
+                "tree_attention: tree_mask must be [B=", batch, ", Q=", num_new, ", ceil(tree_len/64)=", words,
+                "] int64, got shape ", tree_mask->sizes(), " ", tree_mask->scalar_type());
     mask = tree_mask->contiguous();  // a few KB
   }
 
@@ -88,6 +96,7 @@ Tensor tree_attention_cuda(const Tensor& q, const Tensor& k_cache, const Tensor&
   problem.num_q_heads = static_cast<int>(num_q_heads);
   problem.num_kv_heads = static_cast<int>(num_kv_heads);
   problem.num_new = static_cast<int>(num_new);
+  problem.tree_len = static_cast<int>(tree_len);
   problem.head_dim = static_cast<int>(head_dim);
   problem.max_len = static_cast<int>(max_len);
   problem.q = q_c.data_ptr();

@@ -18,8 +18,9 @@ struct TreeAttentionProblem {
   int num_q_heads;           // Hq
   int num_kv_heads;          // Hkv, divides Hq
   int num_new;               // Q >= 1
+  int tree_len;              // tree rows after the prefix, Q <= tree_len <= S_max; the queries last
   int head_dim;              // D: 64, 80, 96 or 128
-  int max_len;               // S_max >= Q
+  int max_len;               // S_max >= tree_len
   const void* q;             // [B, Hq, Q, D]
   int64_t q_strides[3];
   const void* k_cache;       // [B, Hkv, S_max, D]
@@ -27,7 +28,7 @@ struct TreeAttentionProblem {
   const void* v_cache;       // [B, Hkv, S_max, D]
   int64_t v_strides[3];
   const int32_t* prefix_len; // [B] int32, on the device
-  const int64_t* tree_mask;  // [B, Q, ceil(Q/64)] int64 contiguous, or nullptr: causal chunk
+  const int64_t* tree_mask;  // [B, Q, ceil(tree_len/64)] int64 contiguous, or nullptr: causal chunk
   float scale;               // softmax scale
   void* out;                 // [B, Hq, Q, D] contiguous
 };

@@ -1,25 +1,27 @@
 // CUDA kernels of op 2, tree_attention (semantics: msd_kernels/reference.tree_attention).
 // Framework-free: raw pointers and sizes only; the launch code is csrc/cuda/tree_attention.cu.
 //
-// Attention of Q new tokens over a static KV cache. For sequence b the keys are the
-// prefix 0 .. P-1 (P = prefix_len[b], visible to every query) followed by the Q new tokens
-// P .. P+Q-1 (visible through the packed tree mask, or causally when there is none).
+// Attention of Q queries over a static KV cache. For sequence b the keys are the prefix
+// 0 .. P-1 (P = prefix_len[b], visible to every query) followed by the tree_len >= Q tree
+// rows P .. P+tree_len-1 (visible through the packed tree mask, or causally when there is
+// none). The queries are the last Q tree rows: query i is tree row tree_len - Q + i
+// (tree_len = Q but for the draft's tree levels, which follow the earlier levels' rows).
 //
 // Flash-decoding in two kernels:
 //
 // 1. split kernel, grid (B * Hkv, row tiles, splits). The key axis 0 .. S_max is cut into
 //    `splits` chunks of whole 64-key tiles; the grid depends on S_max only, never on the
 //    prefix_len values (read on the device), so a decoding step can be captured in a CUDA
-//    graph. A block whose chunk starts at or beyond P+Q only marks its partials empty.
+//    graph. A block whose chunk starts at or beyond P+tree_len only marks its partials empty.
 //    The query rows of one block are the (query head of the kv group, query) pairs
 //    r = g * Q + i, g < Hq / Hkv, i < Q, cut into tiles of kTileM = 64 rows: every K/V
 //    byte is read once per kv group and row tile, which is what bounds this op (the
-//    cache is large, the queries few). The new tokens are just the last keys of the
+//    cache is large, the queries few). The tree rows are just the last keys of the
 //    sequence: a tile that reaches past the prefix applies the mask bits per element, so
 //    the "small masked tree tile" needs no separate pass.
 //
 //    Per 64-key tile: K and V are copied to shared memory with 16-byte cp.async (rows past
-//    P+Q zero-filled). Each of the 4 warps owns a 16-row strip of the query tile:
+//    P+tree_len zero-filled). Each of the 4 warps owns a 16-row strip of the query tile:
 //      S = Q K^T   tensor cores (WMMA 16x16x16, fp16/bf16 inputs, fp32 accumulation)
 //      softmax     online, fp32, base 2: per row the running max m and sum l live in
 //                  registers (warp-uniform); O (fp32, shared memory) is rescaled
@@ -31,8 +33,8 @@
 // 2. merge kernel, one block per output row (b, query head, query): the partials of all
 //    splits are combined by log-sum-exp weights; a row that saw no key anywhere is zero.
 //
-// Needs sm_80+ (bf16 WMMA, cp.async). prefix_len values are clamped to [0, S_max - Q] so
-// that a bad length can never make the kernel read outside the cache.
+// Needs sm_80+ (bf16 WMMA, cp.async). prefix_len values are clamped to [0, S_max - tree_len]
+// so that a bad length can never make the kernel read outside the cache.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -100,13 +102,14 @@ MSD_INLINE __device__ float warp_sum(float x) {
   return x;
 }
 
-// Whether query `query` sees key `key`: the whole prefix, then the new tokens its mask row
-// allows (`mask_row` = [ceil(Q/64)] int64 words), or new tokens 0..query when it is null.
-MSD_INLINE __device__ bool key_visible(int key, int query, int prefix, int num_new, const int64_t* mask_row) {
+// Whether the query at tree row `query_row` sees key `key`: the whole prefix, then the tree
+// rows its mask row allows (`mask_row` = [ceil(tree_len/64)] int64 words), or tree rows
+// 0..query_row when it is null.
+MSD_INLINE __device__ bool key_visible(int key, int query_row, int prefix, int tree_len, const int64_t* mask_row) {
   if (key < prefix) return true;
-  const int j = key - prefix;
-  if (j >= num_new) return false;
-  return mask_row != nullptr ? mask_test(mask_row, j) : j <= query;
+  const int j = key - prefix;  // tree row
+  if (j >= tree_len) return false;
+  return mask_row != nullptr ? mask_test(mask_row, j) : j <= query_row;
 }
 
 // Block-cooperative copy of `rows` rows of D elements into shared memory (row pitch
@@ -140,13 +143,14 @@ __global__ void __launch_bounds__(kThreads) tree_attention_split_kernel(
     Strides k_strides,
     const T* __restrict__ v_cache,            // [B, Hkv, S_max, D], strides v_strides
     Strides v_strides,
-    const int32_t* __restrict__ prefix_len,   // [B] int32; clamped to [0, S_max - Q]
-    const int64_t* __restrict__ tree_mask,    // [B, Q, ceil(Q/64)] int64 contiguous, or null: causal
+    const int32_t* __restrict__ prefix_len,   // [B] int32; clamped to [0, S_max - tree_len]
+    const int64_t* __restrict__ tree_mask,    // [B, Q, ceil(tree_len/64)] int64 contiguous, or null: causal
     float* __restrict__ partial_out,          // [num_splits, B * Hq * Q, D] float32, O / l
     float* __restrict__ partial_lse,          // [num_splits, B * Hq * Q] float32, log2, -inf: empty
     int num_q_heads,                          // Hq
     int num_kv_heads,                         // Hkv, divides Hq
-    int num_new,                              // Q >= 1, Q <= S_max
+    int num_new,                              // Q >= 1
+    int tree_len,                             // tree rows, Q <= tree_len <= S_max; the queries last
     int max_len,                              // S_max
     int tiles_per_split,                      // 64-key tiles per split
     float scale_log2) {                       // softmax scale * log2(e)
@@ -179,8 +183,8 @@ __global__ void __launch_bounds__(kThreads) tree_attention_split_kernel(
   };
 
   // Out-of-range values must not make us read outside the cache: clamp (bad input, bad output).
-  const int prefix = min(max(prefix_len[b], 0), max_len - num_new);
-  const int key_end = prefix + num_new;
+  const int prefix = min(max(prefix_len[b], 0), max_len - tree_len);
+  const int key_end = prefix + tree_len;
   const int key_begin = split * tiles_per_split * kTileN;
   const int split_end = min(key_begin + tiles_per_split * kTileN, key_end);
   float* lse_out = partial_lse + split * all_rows;
@@ -251,13 +255,14 @@ __global__ void __launch_bounds__(kThreads) tree_attention_split_kernel(
     for (int rr = 0; rr < kWarpRows; ++rr) {
       const int row = warp_row0 + rr;
       const int query = (row0 + row) % num_new;
+      const int query_row = tree_len - num_new + query;
       const int64_t* mask_row =
-          tree_mask != nullptr ? tree_mask + (int64_t(b) * num_new + query) * mask_words(num_new) : nullptr;
+          tree_mask != nullptr ? tree_mask + (int64_t(b) * num_new + query) * mask_words(tree_len) : nullptr;
       float logit[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int col = lane + 32 * h;
-        const bool visible = all_prefix || key_visible(tile + col, query, prefix, num_new, mask_row);
+        const bool visible = all_prefix || key_visible(tile + col, query_row, prefix, tree_len, mask_row);
         logit[h] = visible ? s_s[row * Smem::kPitchS + col] * scale_log2 : -INFINITY;
       }
       const float new_max = fmaxf(row_max[rr], warp_max(fmaxf(logit[0], logit[1])));
