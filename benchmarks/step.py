@@ -28,6 +28,7 @@ import transformers
 from e2e import PRESETS, RESULTS_DIR, Shape, corruption_for_tau, git_commit, machine_info, random_llava, synchronize
 
 import msd
+import msd_kernels
 from msd.testing import ControlledProposals, random_draft
 
 # The CPU shape of the issue that asked for this benchmark: 12 layers of width 1024.
@@ -115,9 +116,16 @@ def overhead(target, draft, shape: Shape, batch: int, tree: tuple[int, int, int]
     commit = median_seconds(lambda: draft(commit_inputs, commit_positions, cache=drafter.cache), repeats, restore)
     level_inputs = torch.randn(batch, top_k, hidden, dtype=target.dtype, device=DEVICE)
     level_positions = drafter.cache.prefix_len.long()[:, None].expand(batch, top_k)
-    dense = torch.ones(batch, top_k, drafter.cache.max_len, dtype=torch.bool, device=DEVICE)
-    level = median_seconds(lambda: draft(level_inputs, level_positions, cache=drafter.cache, dense_mask=dense),
-                           repeats, restore)
+    # The deepest level: its nodes after all earlier levels' rows, each seeing its ancestors.
+    tree_len = depth * top_k
+    level_mask = msd_kernels.pack_mask(torch.ones(batch, top_k, tree_len, dtype=torch.bool))
+
+    def deepest_level():
+        drafter.cache.write_offset = tree_len - top_k
+        draft(level_inputs, level_positions, cache=drafter.cache, tree_mask=level_mask, tree_len=tree_len)
+        drafter.cache.write_offset = 0
+
+    level = median_seconds(deepest_level, repeats, restore)
     logits = median_seconds(lambda: draft.compute_logits(level_inputs), repeats)
     forwards = verify + commit + depth * level + (depth + 1) * logits
     return {"batch": batch, "step_ms": 1e3 * step_seconds, "forwards_ms": 1e3 * forwards,

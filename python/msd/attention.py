@@ -4,7 +4,8 @@ The projections are the layer's ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`
 they are: plain, quantised or adapter-wrapped linears), rotary embedding is applied as
 Llama / Qwen2 do it (``x * cos + rotate_half(x) * sin``), and the attention itself is msd's
 tree attention over the cache: each query sees the committed prefix and, for a tree, its
-ancestors (``tree_mask``), or, for a plain chunk, the chunk causally (``tree_mask=None``).
+ancestors (``tree_mask``, ``tree_len``), or, for a plain chunk, the chunk causally
+(``tree_mask=None``).
 """
 
 from __future__ import annotations
@@ -43,25 +44,22 @@ def project_qkv(attn: nn.Module, hidden: torch.Tensor, head_dim: int, cos: torch
 
 def cached_self_attention(attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           cache: StaticKVCache, layer: int, *, head_dim: int, scaling: float,
-                          tree_mask: torch.Tensor | None = None, dense_mask: torch.Tensor | None = None
-                          ) -> torch.Tensor:
+                          tree_mask: torch.Tensor | None = None, tree_len: int | None = None) -> torch.Tensor:
     """Self-attention output ``[B, Q, H]`` of ``hidden`` ``[B, Q, H]``, whose K/V rows are
     written to ``cache`` at ``prefix_len + write_offset``.
 
     Args:
         attn: the layer's attention module (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``).
         cos, sin: ``[B, Q, D]`` rotary tables at the chunk's positions.
-        tree_mask: ``[B, Q, ceil(Q/64)]`` int64 packed ancestor mask, or None for a causal chunk.
-        dense_mask: ``[B, Q, S_max]`` bool instead, for queries that are not the last rows
-            written (the draft's tree levels see their ancestors among earlier levels).
+        tree_mask: ``[B, Q, ceil(tree_len/64)]`` int64 packed mask over the rows after the
+            prefix, or None for a causal chunk.
+        tree_len: rows after the prefix the queries may see through the mask, the queries being
+            the last Q of them (the draft's tree levels see their ancestors among earlier
+            levels); None for Q (the queries are the whole tree).
     """
     batch, length, _ = hidden.shape
     queries, keys, values = project_qkv(attn, hidden, head_dim, cos, sin)
     key_buffer, value_buffer = cache.write(layer, keys, values)
-    if dense_mask is not None:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            queries, key_buffer, value_buffer, attn_mask=dense_mask.unsqueeze(1), scale=scaling,
-            enable_gqa=queries.shape[1] != key_buffer.shape[1])
-    else:
-        out = msd_kernels.tree_attention(queries, key_buffer, value_buffer, cache.prefix_len, tree_mask, scaling)
+    out = msd_kernels.tree_attention(queries, key_buffer, value_buffer, cache.prefix_len, tree_mask, scaling,
+                                     tree_len=tree_len)
     return attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))

@@ -189,7 +189,7 @@ class MSDDraftModel(nn.Module):
 
         Training: attention within the inputs under ``attention_mask`` (bool ``[B, 1, N, N]``,
         True = may attend; None = causal). Inference: over ``cache``, with ``tree_mask`` or
-        ``dense_mask`` as :func:`msd.attention.cached_self_attention` takes them.
+        ``tree_len`` as :func:`msd.attention.cached_self_attention` takes them.
         """
         cos, sin = self.rotary_emb(inputs_embeds, position_ids)
         hidden = inputs_embeds

@@ -3,7 +3,9 @@
 The draft keeps its own static K/V cache. Committed pairs ``(f_j, x_{j+1})`` of sequence b
 sit at rows ``0 .. draft_len[b] - 1``; while a tree grows, expansion step ``d`` writes its
 ``top_k`` frontier nodes at rows ``draft_len + d * top_k + i`` (scratch, overwritten by the
-next commit). A frontier node sees the committed rows, its ancestors' rows and its own.
+next commit). A frontier node sees the committed rows, its ancestors' rows and its own: msd's
+tree attention with the level's nodes as the last rows of a ``tree_len = (d + 1) * top_k``
+tree section whose packed mask holds each node's ancestors among the earlier levels.
 
 Every shape is fixed by (batch, top_k, depth, tree size): the commit of a step's accepted
 pairs has the fixed width ``depth + 2`` with per-sequence counts, and the lengths live in
@@ -54,6 +56,8 @@ class TreeDrafter:
         self.pool = msd_kernels.new_tree_pool(batch, top_k, depth, device)
         self.root_hidden = torch.zeros(batch, 1, draft.config.hidden_size, dtype=draft.fc.weight.dtype,
                                        device=device)  # draft output at each sequence's last committed pair
+        # Row r: scratch row r's bit alone, packed as tree_attention masks are.
+        self._own_bits = msd_kernels.pack_mask(torch.eye(depth * top_k, dtype=torch.bool)).to(device)
 
     def _forward(self, inputs: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache, **masks):
         return self.draft(inputs, positions, cache=cache, **masks)
@@ -96,10 +100,6 @@ class TreeDrafter:
         batch, k = root_token.shape[0], self.top_k
         device = root_token.device
         draft_len = self.cache.prefix_len.long()  # [B]
-        cols = torch.arange(self.cache.max_len, device=device)
-        committed = cols < draft_len[:, None]  # [B, S_max]
-        scratch = cols - draft_len[:, None]  # [B, S_max] index among the scratch rows
-        in_scratch = (scratch >= 0) & (scratch < self.depth * k)
 
         paths = root_token.view(batch, 1, 1)
         logits = self.proposer(self.draft, self.root_hidden, paths, start)
@@ -109,19 +109,19 @@ class TreeDrafter:
         )
         parent_rows = torch.zeros(batch, k, dtype=torch.long, device=device)
         parent_hidden = self.root_hidden
-        # ancestors[b, i, j]: scratch row j is node i of the current level or one of its ancestors.
-        ancestors = torch.zeros(batch, 1, self.depth * k, dtype=torch.bool, device=device)
-        own = torch.eye(self.depth * k, dtype=torch.bool, device=device)  # row r: scratch row r alone
+        # ancestors[b, i]: packed bits over the scratch rows, set for node i of the current level
+        # and its ancestors (the tree_attention mask of the level, over the levels so far).
+        own_bits = self._own_bits.to(device)
+        ancestors = torch.zeros(batch, 1, own_bits.shape[1], dtype=torch.long, device=device)
         for step in range(self.depth):
             tokens, scores, pool_index = frontier
             paths = torch.cat([gather_rows(paths, parent_rows), tokens.unsqueeze(-1)], dim=2)
-            ancestors = gather_rows(ancestors, parent_rows) | own[step * k:(step + 1) * k]
-            visible = committed[:, None] | (in_scratch[:, None] & ancestors.gather(
-                2, scratch.clamp(0, self.depth * k - 1)[:, None].expand(batch, k, -1)))
+            ancestors = gather_rows(ancestors, parent_rows) | own_bits[step * k:(step + 1) * k]
+            tree_len = (step + 1) * k  # this level's nodes are the last k of the scratch rows so far
             inputs = self.draft.fuse_inputs(tokens, gather_rows(parent_hidden, parent_rows))
             self.cache.write_offset = step * k
             hidden = self._forward(inputs, draft_len[:, None] + step + torch.zeros_like(tokens), self.cache,
-                                   dense_mask=visible)
+                                   tree_mask=ancestors[..., :msd_kernels.mask_words(tree_len)], tree_len=tree_len)
             offset = msd_kernels.pool_size(k, step)
             logits = self.proposer(self.draft, hidden, paths, start)
             frontier = msd_kernels.tree_expand(logits, scores, pool_index, *self.pool, offset, k)
