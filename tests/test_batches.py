@@ -184,7 +184,7 @@ def test_the_step_compiles_without_graph_breaks_and_decodes_as_eager(targets):
 
 # ------------------------------------------------------------------------------ GPU only
 @needs_cuda
-def test_the_step_never_syncs_with_the_host(saved_targets):
+def test_the_cuda_step_never_syncs_with_the_host(saved_targets):
     target = saved_targets["llava"].to("cuda")
     batch = left_padded(row_prompts(target, 2))
     engine = engine_for(target)

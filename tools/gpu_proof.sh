@@ -10,7 +10,8 @@
 # together they stay inside GPU_PROOF_BUDGET_S (default 550 s). On a machine that is still
 # warm from a call that built the kernels, `bash tools/gpu_proof.sh tests bench ...` skips
 # the build (the in-place library msd_kernels/_C*.so is an ignored file and stays).
-# `engine` (the engine tests on CUDA, fp32 and bf16, against HF's generate) and `e2e`
+# `engine` (the engine tests on CUDA, fp32 and bf16, against HF's generate, for every target
+# family and for batches; CUDA-graph replay; the step under sync-debug mode) and `e2e`
 # (benchmarks/e2e.py on a LLaVA-1.5-7B-shaped bf16 model: compare and controlled modes) fill
 # a second call: `bash tools/gpu_proof.sh engine e2e` on the still-warm machine.
 # Logs, cuda_kernels.json/.md, e2e_*.json/.md and summary.txt go to $OUT (a temporary folder if unset);
@@ -58,7 +59,10 @@ assert where.endswith(".so"), "no in-place library: every later stage would comp
       python3 benchmarks/cuda_kernels.py --out "$OUT/cuda_kernels.json"
       ;;
     engine)
-      python3 -m pytest tests/test_engine.py -q -p no:cacheprovider -k "cuda"
+      # The engine on CUDA against HF's generate (every family), batches, CUDA-graph replay and the
+      # sync-debug check of the decoding step.
+      python3 -m pytest tests/test_engine.py tests/test_target_families.py tests/test_batches.py -q \
+        -p no:cacheprovider -k "cuda"
       ;;
     e2e)
       local e2e=(python3 benchmarks/e2e.py --preset llava-1.5-7b --dtype bfloat16 --device cuda)
