@@ -9,9 +9,11 @@ __version__ = "0.1.0"
 
 from msd.draft import MSDDraftModel  # noqa: E402
 from msd.draft_checkpoint import load_draft, save_draft  # noqa: E402
+from msd.draft_eagle3 import Eagle3DraftModel  # noqa: E402
 from msd.engine import GenerationStats, SpeculativeLLaVA  # noqa: E402
 
 # The name users know stays; this one says what it serves.
 SpeculativeVLM = SpeculativeLLaVA
 
-__all__ = ["GenerationStats", "MSDDraftModel", "SpeculativeLLaVA", "SpeculativeVLM", "load_draft", "save_draft"]
+__all__ = ["Eagle3DraftModel", "GenerationStats", "MSDDraftModel", "SpeculativeLLaVA", "SpeculativeVLM",
+           "load_draft", "save_draft"]

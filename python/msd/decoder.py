@@ -60,11 +60,29 @@ class TextDecoder:
         ancestors, or without it to the chunk causally. The caller commits the rows
         (``cache.advance`` / ``cache.compact``).
         """
+        return self.run(embeds, position_ids, cache, tree_mask)[0]
+
+    def run(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: StaticKVCache,
+            tree_mask: torch.Tensor | None = None, capture: tuple[int, ...] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`__call__`, also returning the draft's features: with ``capture`` (hidden-state
+        indices as Hugging Face's ``output_hidden_states`` counts them: i = the state entering
+        layer i, the residual stream before its norm), those states concatenated ``[B, Q, len * H]``;
+        without, the post-norm hidden states themselves."""
         cos, sin = self.rotary(embeds, position_ids)
-        hidden = embeds
+        hidden, captured = embeds, []
         for index, layer in enumerate(self.layers):
+            if capture is not None and index in capture:
+                captured.append(hidden)
             hidden = hidden + cached_self_attention(
                 layer.self_attn, layer.input_layernorm(hidden), cos, sin, cache, index,
                 head_dim=self.head_dim, scaling=self.scaling, tree_mask=tree_mask)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.final_norm(hidden)
+        if capture is not None and len(self.layers) in capture:  # the state after the last layer
+            captured.append(hidden)
+        hidden = self.final_norm(hidden)
+        if capture is None:
+            return hidden, hidden
+        # In the order asked for (low, middle, high), each index once per occurrence.
+        by_index = dict(zip(sorted(set(capture)), captured))
+        return hidden, torch.cat([by_index[index] for index in capture], dim=-1)

@@ -49,15 +49,16 @@ class DraftAttention(nn.Module):
     """Multi-head attention with GQA; ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` as in Llama
     (``config.qkv_bias``: with q/k/v biases, as in Qwen2)."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, input_size: int | None = None):
         super().__init__()
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim ** -0.5
         heads, kv_heads, bias = config.num_attention_heads, config.num_key_value_heads, config.attention_bias
         qkv_bias = bias or getattr(config, "qkv_bias", False)  # Qwen2: q/k/v with biases, o without
-        self.q_proj = nn.Linear(config.hidden_size, heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_heads * self.head_dim, bias=qkv_bias)
+        input_size = input_size or config.hidden_size  # EAGLE-3 projects [embedding, hidden], 2H wide
+        self.q_proj = nn.Linear(input_size, heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(input_size, kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(input_size, kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(heads * self.head_dim, config.hidden_size, bias=bias)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -137,6 +138,29 @@ class MSDDraftModel(nn.Module):
 
     def set_lm_head(self, lm_head: nn.Linear) -> None:
         self._lm_head[0] = lm_head
+
+    # What the engine asks of every draft kind (see also msd.draft_eagle3.Eagle3DraftModel).
+    @property
+    def head_dim(self) -> int:
+        return self.layers[0].self_attn.head_dim
+
+    @property
+    def feature_size(self) -> int:
+        """Width of the target feature paired with each token: the target's last hidden state."""
+        return self.config.hidden_size
+
+    def feature_layers(self, num_target_layers: int) -> tuple[int, ...] | None:
+        """Which target hidden states make the feature: None for the last one after the final
+        norm (the lm_head's input)."""
+        return None
+
+    def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Target ids of draft ids: the same (the draft's vocabulary is the target's, or a prefix)."""
+        return draft_ids
+
+    def to_draft(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """Draft ids of target ids, -1 for ids past the draft's vocabulary."""
+        return torch.where(target_ids < self.config.vocab_size, target_ids, -1)
 
     def fuse_inputs(
         self,

@@ -6,6 +6,8 @@ A checkpoint folder holds ``config.json`` (flat Llama fields; ``model_type`` may
 ``layers.0.self_attn.{q,k,v,o}_proj.weight``, ``layers.0.mlp.{gate,up,down}_proj.weight``,
 ``layers.0.post_attention_layernorm.weight`` and optionally ``embed_tokens.weight``
 (absent: the target's embeddings are used). msd writes the same layout (safetensors).
+EAGLE-3-style drafts have their own (SpecForge's) layout: :mod:`msd.eagle3_checkpoint`;
+:func:`load_draft` and :func:`save_draft` handle both kinds.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
+from msd import eagle3_checkpoint
 from msd.draft import MSDDraftModel
+from msd.draft_eagle3 import Eagle3DraftModel
+from msd.draft_kinds import DraftModel
+from msd.eagle3_checkpoint import is_eagle3
 from msd.hf_compat import mrope_section, rope_theta_and_scaling
 
 CONFIG_FILE = "config.json"
@@ -181,8 +187,10 @@ def load_draft(
     target: torch.nn.Module | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-) -> MSDDraftModel:
-    """Load a draft checkpoint; with ``target``, attach its embeddings and lm_head.
+) -> DraftModel:
+    """Load a draft checkpoint, of either kind (:mod:`msd.draft_kinds`): the MSD / EAGLE layout
+    or the EAGLE-3 (SpecForge) one, told apart by its ``config.json``. With ``target``, attach
+    its embeddings (when the checkpoint has none) and, for an MSD draft, its lm_head.
 
     The draft takes ``dtype``/``device`` if given, else the target's, else the stored
     weights' dtype on the CPU. A width different from the target's, or a vocabulary larger
@@ -191,8 +199,12 @@ def load_draft(
     """
     folder = resolve_checkpoint(path_or_id)
     raw = json.loads((folder / CONFIG_FILE).read_text())
-    config = config_from_dict(raw)
-    state = check_keys(read_state_dict(folder), config.qkv_bias)
+    if is_eagle3(raw):
+        config = eagle3_checkpoint.config_from_dict(raw)
+        state = eagle3_checkpoint.check_state(read_state_dict(folder), config)
+    else:
+        config = config_from_dict(raw)
+        state = check_keys(read_state_dict(folder), config.qkv_bias)
 
     embed_tokens = lm_head = None
     if target is not None:
@@ -212,8 +224,11 @@ def load_draft(
         # A private copy, so that moving the draft never converts the target's module.
         embed_tokens = torch.nn.Embedding.from_pretrained(embed_tokens.weight.detach().clone(), freeze=True)
 
-    draft = MSDDraftModel(config, embed_tokens=embed_tokens, lm_head=lm_head,
-                          decouple_visual=raw.get(DECOUPLE_VISUAL, True))
+    if is_eagle3(raw):
+        draft = Eagle3DraftModel(config, embed_tokens=embed_tokens)
+    else:
+        draft = MSDDraftModel(config, embed_tokens=embed_tokens, lm_head=lm_head,
+                              decouple_visual=raw.get(DECOUPLE_VISUAL, True))
     own = draft.state_dict()
     for key, value in state.items():
         if own[key].shape != value.shape:
@@ -224,15 +239,21 @@ def load_draft(
     return draft.to(dtype=dtype, device=device).eval()
 
 
-def save_draft(draft: MSDDraftModel, folder: str | Path) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` in the released layout."""
+def save_draft(draft: DraftModel, folder: str | Path, num_target_layers: int | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` in the draft kind's layout: the released MSD
+    one, or SpecForge's for an EAGLE-3-style draft (``num_target_layers`` writes its default
+    feature layers out explicitly)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    keys = REQUIRED_KEYS | QKV_BIAS_KEYS | {OPTIONAL_KEY}
+    if isinstance(draft, Eagle3DraftModel):
+        keys = eagle3_checkpoint.REQUIRED_KEYS | {*eagle3_checkpoint.MAP_KEYS, OPTIONAL_KEY}
+        config = eagle3_checkpoint.config_to_dict(draft, num_target_layers)
+    else:
+        keys = REQUIRED_KEYS | QKV_BIAS_KEYS | {OPTIONAL_KEY}
+        config = config_to_dict(draft.config)
+        if not draft.decouple_visual:  # only ablation drafts say so: released configs stay as they are
+            config[DECOUPLE_VISUAL] = False
     state = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items() if k in keys}
     save_file(state, str(folder / SAFETENSORS_FILE), metadata={"format": "pt"})
-    config = config_to_dict(draft.config)
-    if not draft.decouple_visual:  # only ablation drafts say so: released configs stay as they are
-        config[DECOUPLE_VISUAL] = False
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return folder

@@ -26,8 +26,8 @@ from transformers import AutoModelForImageTextToText, GenerationConfig, PreTrain
 
 import msd_kernels
 from msd.cache import StaticKVCache
-from msd.draft import MSDDraftModel
 from msd.draft_checkpoint import check_fits_target, load_draft
+from msd.draft_kinds import DRAFT_KINDS, DraftModel
 from msd.generation_options import resolve_generation_config
 from msd.proposers import Proposer
 from msd.step import DecodeStep, StepState
@@ -119,7 +119,7 @@ class SpeculativeLLaVA:
             backend (e.g. ``"inductor"``); None (the default) runs it eagerly.
     """
 
-    def __init__(self, target: PreTrainedModel, draft: MSDDraftModel, *, top_k: int = 10, depth: int = 5,
+    def __init__(self, target: PreTrainedModel, draft: DraftModel, *, top_k: int = 10, depth: int = 5,
                  total_tokens: int = 60, proposer: Proposer | None = None, cuda_graph: bool = False,
                  compile_backend: str | None = None):
         if not 1 <= top_k <= msd_kernels.MAX_TOP_K:
@@ -136,8 +136,10 @@ class SpeculativeLLaVA:
         if cuda_graph and embeddings.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the target on a CUDA device, it is on {embeddings.device}")
         self.target, self.draft = target.eval(), draft.eval()
-        if self.draft.lm_head is None:
+        if self.draft.lm_head is None:  # an MSD draft proposes with the target's own head
             self.draft.set_lm_head(self.adapter.lm_head)
+        # Which target states make the draft's features (None: the last, post-norm).
+        self.feature_layers = draft.feature_layers(len(self.adapter.decoder.layers))
         self.top_k, self.depth, self.total_tokens = top_k, depth, total_tokens
         self.proposer, self.cuda_graph, self.compile_backend = proposer, cuda_graph, compile_backend
         self._last_step = None  # the step of the last generate call (tests run it on its own)
@@ -145,7 +147,7 @@ class SpeculativeLLaVA:
         self._buffers: _Buffers | None = None
 
     @classmethod
-    def from_pretrained(cls, target: str | Path | PreTrainedModel, draft: str | Path | MSDDraftModel, *,
+    def from_pretrained(cls, target: str | Path | PreTrainedModel, draft: str | Path | DraftModel, *,
                         top_k: int = 10, depth: int = 5, total_tokens: int = 60, cuda_graph: bool = False,
                         device: str | torch.device | None = None, **target_kwargs):
         """Load the target (path or Hub id, ``from_pretrained`` keyword arguments such as
@@ -156,7 +158,7 @@ class SpeculativeLLaVA:
             target = AutoModelForImageTextToText.from_pretrained(target, **target_kwargs)
         if device is not None:
             target = target.to(device)
-        if not isinstance(draft, MSDDraftModel):
+        if not isinstance(draft, DRAFT_KINDS):
             draft = load_draft(draft, target=target)
         return cls(target, draft, top_k=top_k, depth=depth, total_tokens=total_tokens, cuda_graph=cuda_graph)
 
@@ -265,12 +267,12 @@ class SpeculativeLLaVA:
             return buffers
         max_len = -(-needed // LENGTH_QUANTUM) * LENGTH_QUANTUM
         target_cache = self.adapter.new_cache(batch, max_len)
-        draft_config, attention = self.draft.config, self.draft.layers[0].self_attn
-        draft_cache = StaticKVCache(1, batch, draft_config.num_key_value_heads, max_len + self.depth * self.top_k,
-                                    attention.head_dim, self.draft.fc.weight.dtype, self.adapter.device)
+        draft_cache = StaticKVCache(1, batch, self.draft.config.num_key_value_heads,
+                                    max_len + self.depth * self.top_k, self.draft.head_dim, self.draft.fc.weight.dtype,
+                                    self.adapter.device)
         drafter = TreeDrafter(self.draft, draft_cache, self.top_k, self.depth, self.total_tokens - 1, self.proposer)
-        state = StepState.empty(batch, width, self.adapter.text_config.hidden_size, self.adapter.dtype,
-                                self.adapter.device, self.adapter.rope_axes)
+        state = StepState.empty(batch, width, self.draft.feature_size, self.adapter.dtype, self.adapter.device,
+                                self.adapter.rope_axes)
         self._buffers = _Buffers(target_cache, drafter, state)
         return self._buffers
 
@@ -286,11 +288,12 @@ class SpeculativeLLaVA:
         first_tokens = []
         for row, (prompt, sequence) in enumerate(zip(rows, sequences)):
             cache = buffers.target_cache.row(row)
-            hidden = adapter.decoder(prompt.embeds, prompt.position_ids, cache)
+            hidden, features = adapter.decoder.run(prompt.embeds, prompt.position_ids, cache,
+                                                   capture=self.feature_layers)
             cache.advance(prompt.embeds.shape[1])
             first = verifier.first_token(adapter.lm_head(hidden[:, -1]))  # [1]
             prompt_ids = input_ids[row:row + 1, input_ids.shape[1] - len(sequence.tokens):]
-            drafter.commit_prompt(row, prompt_ids, first, hidden, prompt.embeds, adapter.visual_mask(prompt_ids))
+            drafter.commit_prompt(row, prompt_ids, first, features, prompt.embeds, adapter.visual_mask(prompt_ids))
             state.rope_delta[..., row] = prompt.rope_delta[..., 0]
             first_tokens.append(first)
         state.root.copy_(torch.cat(first_tokens))
@@ -346,7 +349,8 @@ class SpeculativeLLaVA:
         set of options and kept with the buffers."""
         key = (config.do_sample, config.temperature, config.top_k, config.top_p)
         if key not in buffers.steps:
-            step = DecodeStep(self.adapter, buffers.drafter, buffers.target_cache, buffers.state, verifier)
+            step = DecodeStep(self.adapter, buffers.drafter, buffers.target_cache, buffers.state, verifier,
+                              self.feature_layers)
             if self.compile_backend is not None:
                 step = torch.compile(step, fullgraph=True, dynamic=False, backend=self.compile_backend)
             if self.cuda_graph:

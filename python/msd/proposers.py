@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from msd.draft import MSDDraftModel
+from msd.draft_kinds import DraftModel
 
 
 class Proposer(Protocol):
@@ -27,13 +27,13 @@ class Proposer(Protocol):
         start: ``[B]`` int64 the root's index in its sequence (its plain position).
     """
 
-    def __call__(self, draft: MSDDraftModel, hidden: torch.Tensor, paths: torch.Tensor,
+    def __call__(self, draft: DraftModel, hidden: torch.Tensor, paths: torch.Tensor,
                  start: torch.Tensor) -> torch.Tensor: ...
 
 
 class DraftProposer:
     """The draft head's own proposals: its logits over its vocabulary."""
 
-    def __call__(self, draft: MSDDraftModel, hidden: torch.Tensor, paths: torch.Tensor,
+    def __call__(self, draft: DraftModel, hidden: torch.Tensor, paths: torch.Tensor,
                  start: torch.Tensor) -> torch.Tensor:
         return draft.compute_logits(hidden)

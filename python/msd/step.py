@@ -28,19 +28,19 @@ class StepState:
 
     root: torch.Tensor  # [B] int64: the last emitted token, root of the next tree
     commit_tokens: torch.Tensor  # [B, W] int64: the last step's accepted tokens then its bonus token
-    commit_features: torch.Tensor  # [B, W, H] the target's features paired with them (root's first)
+    commit_features: torch.Tensor  # [B, W, F] the target's features paired with them (root's first)
     commit_count: torch.Tensor  # [B] int64: how many of those pairs are real (0: none)
     rope_delta: torch.Tensor  # [B] or [3, B] int64: what the adapter adds to plain positions
     active: torch.Tensor  # [B] bool: False freezes a finished sequence (its lengths stop growing)
     rng_state: torch.Tensor  # [2] int64 (seed, offset) of the sampling verifier's Philox stream
 
     @classmethod
-    def empty(cls, batch: int, width: int, hidden: int, dtype: torch.dtype, device: torch.device,
+    def empty(cls, batch: int, width: int, features: int, dtype: torch.dtype, device: torch.device,
               rope_axes: int) -> StepState:
         rope_shape = (rope_axes, batch) if rope_axes > 1 else (batch,)
         long = {"dtype": torch.long, "device": device}
         return cls(torch.zeros(batch, **long), torch.zeros(batch, width, **long),
-                   torch.zeros(batch, width, hidden, dtype=dtype, device=device), torch.zeros(batch, **long),
+                   torch.zeros(batch, width, features, dtype=dtype, device=device), torch.zeros(batch, **long),
                    torch.zeros(rope_shape, **long), torch.ones(batch, dtype=torch.bool, device=device),
                    torch.zeros(2, **long))
 
@@ -51,8 +51,9 @@ class DecodeStep:
     returned tensors are the state's own buffers: copy them before the next step runs."""
 
     def __init__(self, adapter: TargetAdapter, drafter: TreeDrafter, cache: StaticKVCache, state: StepState,
-                 verifier: Verifier):
+                 verifier: Verifier, feature_layers: tuple[int, ...] | None = None):
         self.adapter, self.drafter, self.cache, self.state, self.verifier = adapter, drafter, cache, state, verifier
+        self.feature_layers = feature_layers  # the target states the draft's features are made of
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         state, cache, adapter = self.state, self.cache, self.adapter
@@ -60,7 +61,8 @@ class DecodeStep:
         start = cache.prefix_len.long()  # the root's index: its K/V row is written by this verification
         tree = self.drafter.build(state.root, start)
         positions = adapter.positions(start.unsqueeze(1) + tree.depth, state.rope_delta)
-        hidden = adapter.decoder(adapter.embed_tokens(tree.tokens), positions, cache, tree.mask)
+        hidden, features = adapter.decoder.run(adapter.embed_tokens(tree.tokens), positions, cache, tree.mask,
+                                               capture=self.feature_layers)
         accepted, num_accepted, bonus = self.verifier(adapter.lm_head(hidden), tree, state.rng_state)
         before = cache.prefix_len.clone()
         cache.compact(accepted, num_accepted)
@@ -73,7 +75,7 @@ class DecodeStep:
         tokens = tree.tokens.gather(1, rows[:, 1:].clamp(min=0))
         column = torch.arange(width, device=tokens.device)
         state.commit_tokens.copy_(torch.where(column == num_accepted.unsqueeze(1), bonus.unsqueeze(1), tokens))
-        state.commit_features.copy_(gather_rows(hidden, rows[:, :width].clamp(min=0)))
+        state.commit_features.copy_(gather_rows(features, rows[:, :width].clamp(min=0)))
         state.commit_count.copy_((num_accepted + 1) * state.active)
         state.root.copy_(torch.where(state.active, bonus, state.root))
         return state.commit_tokens, state.commit_count

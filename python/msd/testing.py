@@ -15,6 +15,9 @@ from transformers import PreTrainedModel
 
 from msd.draft import MSDDraftModel
 from msd.draft_checkpoint import draft_config_for
+from msd.draft_eagle3 import Eagle3DraftModel
+from msd.draft_kinds import DraftModel
+from msd.eagle3_checkpoint import eagle3_config_for
 
 
 def random_draft(target: PreTrainedModel, seed: int = 0) -> MSDDraftModel:
@@ -25,6 +28,24 @@ def random_draft(target: PreTrainedModel, seed: int = 0) -> MSDDraftModel:
     embeddings = target.get_input_embeddings()
     with torch.device(embeddings.weight.device):  # a 7B-wide layer: initialise it where it will run
         draft = MSDDraftModel(config, embeddings, target.get_output_embeddings())
+    return draft.to(embeddings.weight.dtype).eval()
+
+
+def random_eagle3_draft(target: PreTrainedModel, draft_vocab_size: int | None = None,
+                        feature_layers: tuple[int, ...] | None = None, seed: int = 0) -> Eagle3DraftModel:
+    """An untrained EAGLE-3-style draft for ``target`` (its embeddings shared, on its device, in
+    its dtype); with ``draft_vocab_size``, its vocabulary is that many random target ids (d2t)."""
+    config = eagle3_config_for(target, draft_vocab_size, feature_layers)
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = target.get_input_embeddings()
+    torch.manual_seed(seed)
+    with torch.device(embeddings.weight.device):
+        draft = Eagle3DraftModel(config, embeddings)
+    vocab, draft_vocab = config.vocab_size, config.draft_vocab_size
+    kept = torch.randperm(vocab, generator=generator)[:draft_vocab].sort().values
+    draft.d2t.copy_(kept - torch.arange(draft_vocab))
+    draft.t2d.zero_()
+    draft.t2d[kept.to(draft.t2d.device)] = True
     return draft.to(embeddings.weight.dtype).eval()
 
 
@@ -44,17 +65,17 @@ class ControlledProposals:
         self.generator = torch.Generator().manual_seed(seed)
         self.seconds = 0.0  # time spent planting proposals (the draft's own logits not included)
 
-    def __call__(self, draft: MSDDraftModel, hidden: torch.Tensor, paths: torch.Tensor,
+    def __call__(self, draft: DraftModel, hidden: torch.Tensor, paths: torch.Tensor,
                  start: torch.Tensor) -> torch.Tensor:
         logits = draft.compute_logits(hidden)
         _synchronize(logits.device)
         started = time.perf_counter()
-        proposals = self._plant(logits, paths, start)
+        proposals = self._plant(logits, paths, start, draft.to_draft)
         _synchronize(logits.device)
         self.seconds += time.perf_counter() - started
         return proposals
 
-    def _plant(self, logits: torch.Tensor, paths: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    def _plant(self, logits: torch.Tensor, paths: torch.Tensor, start: torch.Tensor, to_draft) -> torch.Tensor:
         batch, nodes, vocab = logits.shape
         device = logits.device
         reference = self.reference.to(device)
@@ -62,7 +83,8 @@ class ControlledProposals:
         index = start.unsqueeze(1) + torch.arange(length + 1, device=device)  # the path's places, then the next
         known = index < reference.shape[1]
         sequence = torch.where(known, reference.gather(1, index.clamp(max=reference.shape[1] - 1)), -1)
-        true_next = sequence[:, length]  # [B]
+        true_next = to_draft(sequence[:, length].clamp(min=0))  # [B] the draft's id of the true next token
+        true_next = torch.where(sequence[:, length] >= 0, true_next, -1)
         on_reference = (paths == sequence[:, None, :length]).all(-1) & ((true_next >= 0) & (true_next < vocab))[:, None]
         proposals = torch.randn(logits.shape, generator=self.generator).to(device)
         corrupt = (torch.rand(batch, nodes, generator=self.generator) < self.corruption).to(device)

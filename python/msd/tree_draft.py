@@ -20,7 +20,7 @@ import torch
 
 import msd_kernels
 from msd.cache import StaticKVCache
-from msd.draft import MSDDraftModel
+from msd.draft_kinds import DraftModel
 from msd.proposers import DraftProposer, Proposer
 
 
@@ -46,7 +46,7 @@ class TreeDrafter:
     """Drafts trees of ``num_nodes`` nodes from ``depth`` expansion steps of ``top_k``, for
     ``cache.batch`` sequences; the candidate pool and the root states are allocated once."""
 
-    def __init__(self, draft: MSDDraftModel, cache: StaticKVCache, top_k: int, depth: int, num_nodes: int,
+    def __init__(self, draft: DraftModel, cache: StaticKVCache, top_k: int, depth: int, num_nodes: int,
                  proposer: Proposer | None = None):
         self.draft, self.cache = draft, cache
         self.top_k, self.depth, self.num_nodes = top_k, depth, num_nodes
@@ -65,7 +65,7 @@ class TreeDrafter:
     def commit_prompt(self, row: int, input_ids: torch.Tensor, first_token: torch.Tensor, hidden: torch.Tensor,
                       embeds: torch.Tensor, visual_mask: torch.Tensor) -> None:
         """Sequence ``row``'s prompt pairs after the target's prefill, written from row 0 of its
-        draft cache: position j pairs feature ``f_j`` (``hidden`` ``[1, L, H]``) with the next
+        draft cache: position j pairs feature ``f_j`` (``hidden`` ``[1, L, F]``) with the next
         input ``x_{j+1}`` (``input_ids`` ``[1, L]``), the last one with the first generated token
         ``[1]``. Visual positions (``visual_mask`` ``[1, L]``) take the raw visual embedding
         (``embeds``: the target's input embeddings, visuals spliced in)."""
@@ -83,7 +83,7 @@ class TreeDrafter:
 
     def commit(self, input_ids: torch.Tensor, features: torch.Tensor, count: torch.Tensor) -> None:
         """Append each sequence's first ``count[b]`` pairs ``(features[b, j], input_ids[b, j])``
-        (``[B, W, H]``, ``[B, W]``; ``count`` ``[B]`` int64, 0 for none) to the draft cache; the
+        (``[B, W, F]``, ``[B, W]``; ``count`` ``[B]`` int64, 0 for none) to the draft cache; the
         last one's output becomes the next tree's root. The pairs past ``count`` are computed
         with the rest (fixed width) and land past the new length, where nothing reads them."""
         inputs = self.draft.fuse_inputs(input_ids, features)
@@ -106,7 +106,7 @@ class TreeDrafter:
         frontier = msd_kernels.tree_expand(
             logits, torch.zeros(batch, 1, device=device), torch.full((batch, 1), -1, device=device),
             *self.pool, 0, k,
-        )
+        )  # in the draft's vocabulary: its ids become target ids for embeddings, paths and the tree
         parent_rows = torch.zeros(batch, k, dtype=torch.long, device=device)
         parent_hidden = self.root_hidden
         # ancestors[b, i]: packed bits over the scratch rows, set for node i of the current level
@@ -115,6 +115,7 @@ class TreeDrafter:
         ancestors = torch.zeros(batch, 1, own_bits.shape[1], dtype=torch.long, device=device)
         for step in range(self.depth):
             tokens, scores, pool_index = frontier
+            tokens = self.draft.to_target(tokens)
             paths = torch.cat([gather_rows(paths, parent_rows), tokens.unsqueeze(-1)], dim=2)
             ancestors = gather_rows(ancestors, parent_rows) | own_bits[step * k:(step + 1) * k]
             tree_len = (step + 1) * k  # this level's nodes are the last k of the scratch rows so far
@@ -128,4 +129,6 @@ class TreeDrafter:
             parent_rows = torch.div(frontier[2] - offset, k, rounding_mode="floor")
             parent_hidden = hidden
         self.cache.write_offset = 0
-        return DraftTree(*msd_kernels.tree_assemble(*self.pool, root_token, self.num_nodes))
+        tokens, *links = msd_kernels.tree_assemble(*self.pool, root_token, self.num_nodes)
+        # The root is the last emitted (target) token; the nodes hold draft ids.
+        return DraftTree(torch.cat([tokens[:, :1], self.draft.to_target(tokens[:, 1:])], 1), *links)
