@@ -84,3 +84,18 @@ def assert_matches_distribution(samples: list[tuple[int, int]], exact: dict[tupl
     assert scipy_stats.chisquare(observed, expected).pvalue > 1e-3
     total_variation = 0.5 * sum(abs(counts.get(c, 0) / runs - exact[c]) for c in cells)
     assert total_variation < 0.1
+
+
+def record_proposals(monkeypatch) -> list[torch.Tensor]:
+    """A list that collects the drafted (non-root) tokens ``[B, T]`` of every tree built from now on."""
+    from msd.tree_draft import TreeDrafter
+
+    proposed, build = [], TreeDrafter.build
+
+    def recording_build(drafter, *args):
+        tree = build(drafter, *args)
+        proposed.append(tree.tokens[:, 1:].clone())
+        return tree
+
+    monkeypatch.setattr(TreeDrafter, "build", recording_build)
+    return proposed

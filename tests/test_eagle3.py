@@ -18,9 +18,8 @@ from msd.draft_checkpoint import save_draft
 from msd.sampling import logits_warpers
 from msd.targets import adapter_for
 from msd.testing import random_eagle3_draft
-from msd.tree_draft import TreeDrafter
 
-from oracle import assert_matches_distribution, assert_same_greedy, exact_two_token_distribution
+from oracle import assert_matches_distribution, assert_same_greedy, exact_two_token_distribution, record_proposals
 from tiny_models import OracleProposals, qwen_inputs, tiny_llava, tiny_qwen2_5_vl
 
 MAX_NEW = 16
@@ -100,15 +99,7 @@ def test_a_specforge_draft_loads_and_is_lossless(targets, tmp_path, family, draf
                                                   dtype=target.dtype, device=target.device)
     assert isinstance(engine.draft, msd.Eagle3DraftModel)
     assert engine.feature_layers == (2, LAYERS // 2, LAYERS - 3)
-    proposed = []
-    build = TreeDrafter.build
-
-    def recording_build(drafter, *args):
-        tree = build(drafter, *args)
-        proposed.append(tree.tokens[:, 1:].clone())
-        return tree
-
-    monkeypatch.setattr(TreeDrafter, "build", recording_build)
+    proposed = record_proposals(monkeypatch)
     inputs = prompt_for(engine.target)
     expected = engine.target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
     assert_same_greedy(engine.generate(**inputs, max_new_tokens=MAX_NEW), expected, engine.target, inputs)

@@ -18,9 +18,8 @@ from transformers import PreTrainedTokenizerFast
 
 import msd
 from msd.draft_checkpoint import save_draft
-from msd.tree_draft import TreeDrafter
 
-from oracle import assert_matches_distribution, assert_same_greedy, exact_two_token_distribution
+from oracle import assert_matches_distribution, assert_same_greedy, exact_two_token_distribution, record_proposals
 from tiny_models import (
     IMAGE_SIZE,
     IMAGE_TOKEN,
@@ -294,15 +293,7 @@ def test_released_draft_with_a_prefix_vocabulary_is_lossless(targets, tmp_path, 
     engine = msd.SpeculativeLLaVA.from_pretrained(tmp_path / "target", draft_folder, top_k=6, depth=3,
                                                   total_tokens=16, dtype=target.dtype, device=target.device)
     assert engine.draft.config.vocab_size == PREFIX_VOCAB
-    proposed = []
-    build = TreeDrafter.build
-
-    def recording_build(drafter, *args):
-        tree = build(drafter, *args)
-        proposed.append(tree.tokens[:, 1:].clone())
-        return tree
-
-    monkeypatch.setattr(TreeDrafter, "build", recording_build)
+    proposed = record_proposals(monkeypatch)
     for num_images, seed in ((2, 0), (1, 3), (0, 5)):
         inputs = make_prompt(engine.target, num_images, seed=seed)
         assert bool((inputs["input_ids"] >= PREFIX_VOCAB).any())  # text ids past the draft's vocabulary
