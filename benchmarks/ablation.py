@@ -37,7 +37,8 @@ from msd.demo.world import IMAGE_FOLDER, TEXT_JSON, WORLD_JSON
 from msd.draft_checkpoint import load_draft
 from msd.engine import SpeculativeLLaVA
 from msd.testing import random_draft
-from msd.train.trainer import TrainConfig, train
+from msd.train.config import TrainConfig
+from msd.train.trainer import train
 
 # The demo's recipe, scaled down to train in a few minutes on two CPU cores.
 RECIPE = DemoRecipe(scenes=2000, texts=800, target=TargetRecipe(epochs=3))

@@ -26,9 +26,11 @@ from msd.demo.target import TargetRecipe
 from msd.draft_checkpoint import load_draft
 from msd.engine import SpeculativeLLaVA
 from msd.testing import random_draft
+from msd.train.config import TrainConfig
 from msd.train.evaluation import first_turn_prompts
+from msd.train.metrics import METRICS_FILE
 from msd.train.target_data import prompt_template
-from msd.train.trainer import METRICS_FILE, TrainConfig, train
+from msd.train.trainer import train
 
 from tiny_models import QWEN_VOCAB, tiny_qwen2_vl, tiny_qwen_processor
 

@@ -25,10 +25,13 @@ from msd.cli import main
 from msd.draft_checkpoint import load_draft, read_state_dict
 from msd.engine import SpeculativeLLaVA
 from msd.prompts import encode_prompt
+from msd.train.checkpointing import last_checkpoint
+from msd.train.config import TrainConfig
 from msd.train.curriculum import multimodal_probability
 from msd.train.evaluation import first_turn_prompts
+from msd.train.metrics import METRICS_FILE
 from msd.train.target_data import prompt_template
-from msd.train.trainer import METRICS_FILE, TrainConfig, last_checkpoint, train
+from msd.train.trainer import train
 
 from tiny_models import tiny_llava, tiny_processor, tiny_qwen2_vl, tiny_qwen_processor
 

@@ -25,7 +25,9 @@ from msd.demo.world import DEFAULT_QUESTION
 from msd.engine import SpeculativeLLaVA
 from msd.errors import UserError
 from msd.prompts import encode_prompt
-from msd.train.trainer import TrainConfig, train, write_features
+from msd.train.capture import write_features
+from msd.train.config import TrainConfig
+from msd.train.trainer import train
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

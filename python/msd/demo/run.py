@@ -54,7 +54,7 @@ TREE = {"top_k": 4, "depth": 4, "total_tokens": 16}
 
 @dataclass
 class DraftRecipe:
-    """How the draft trains (:class:`msd.train.trainer.TrainConfig` fields)."""
+    """How the draft trains (:class:`msd.train.config.TrainConfig` fields)."""
 
     epochs: int = 4
     batch_size: int = 16
@@ -135,7 +135,9 @@ def demo_stages(root: Path, recipe: DemoRecipe, device: torch.device, progress: 
         return {"held_out": score_descriptions(target, processor, world, recipe.scored_scenes).to_json()}
 
     def build_draft(folder: Path) -> dict:
-        from msd.train.trainer import TrainConfig, train  # the trainer is only needed on a first run
+        # The trainer is only needed on a first run.
+        from msd.train.config import TrainConfig
+        from msd.train.trainer import train
 
         draft = recipe.draft
         final = train(TrainConfig(

@@ -1,9 +1,13 @@
 """Acceptance length tau of a draft with the real engine: the pooled greedy measure shared by
 the demo / ablation (:func:`greedy_tau`) and the periodic evaluation of ``msd train``
-(:class:`TauEvaluator`, prompts from :func:`first_turn_prompts`).
+(:class:`TauEvaluator`, prompts from :func:`first_turn_prompts`, set up from the run's
+options by :func:`run_evaluator` and run by :func:`evaluate_during_training`).
 
 tau is pooled over all prompts: tokens after the first over target verification forwards, so
 long answers weigh more.
+
+Evaluating leaves the training untouched: a run with evaluation trains the same weights,
+bitwise (the engine runs a copy of the draft; the random number streams are restored).
 """
 
 from __future__ import annotations
@@ -17,7 +21,12 @@ from transformers import BatchFeature
 
 from msd.draft import MSDDraftModel
 from msd.engine import SpeculativeLLaVA
+from msd.train.checkpointing import rng_states, set_rng_states
+from msd.train.config import TrainConfig
 from msd.train.data import MultimodalConversationDataset, TextConversationDataset
+from msd.train.distributed import Ranks, barrier, gathered_weights
+from msd.train.step import TrainingStep
+from msd.train.target_data import prompt_template
 from msd.train.template import render_llava_v1
 
 
@@ -80,3 +89,37 @@ class TauEvaluator:
         self.draft.load_state_dict(draft.state_dict())
         tau, _ = greedy_tau(self.engine, self.prompts, self.max_new_tokens)
         return tau
+
+
+def run_evaluator(config: TrainConfig, target, draft: MSDDraftModel, processor) -> TauEvaluator:
+    """The tau evaluator of a run's ``eval_data`` (rank 0's), made before FSDP shards the
+    draft (it copies it); an engine setting the prompts do not fit names its option."""
+    prompts = first_turn_prompts(config.eval_data, config.eval_image_folder or config.image_folder, processor,
+                                 config.eval_samples, prompt_template(target.config, processor))
+    try:
+        evaluator = TauEvaluator(target, draft, prompts, config.eval_max_new_tokens, top_k=config.eval_top_k,
+                                 depth=config.eval_depth, total_tokens=config.eval_total_tokens)
+    except ValueError as error:  # the engine's checks of the tree settings
+        raise ValueError(f"eval_top_k / eval_depth / eval_total_tokens: {error}") from None
+    limit = target.config.get_text_config().max_position_embeddings
+    longest = max(prompt["input_ids"].shape[1] for prompt in prompts)
+    if longest + config.eval_max_new_tokens > limit:
+        raise ValueError(f"eval_max_new_tokens={config.eval_max_new_tokens} after a {longest}-token eval prompt "
+                         f"exceeds the target's {limit} positions")
+    return evaluator
+
+
+def evaluate_during_training(evaluator: TauEvaluator | None, training_step: TrainingStep, fsdp: bool,
+                             ranks: Ranks) -> float | None:
+    """The current draft's tau on the eval prompts: rank 0's value (its ``evaluator``), None on
+    the others (which wait; every rank calls it). Training is left exactly as it was: the
+    engine runs a copy of the draft, without autocast or gradients, and the random number
+    streams are restored after it."""
+    states = rng_states(ranks.device)
+    tau = None
+    with gathered_weights(training_step.model, fsdp):
+        if ranks.main:
+            tau = evaluator(training_step.draft)
+    set_rng_states(states, ranks.device)
+    barrier(ranks)
+    return tau
