@@ -22,10 +22,12 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForCon
 
 from msd.demo.evaluate import greedy_tau, held_out_prompts
 from msd.demo.run import TREE, DemoRecipe, DraftRecipe, demo_stages, run_stages
-from msd.demo.target import TargetRecipe
+from msd.demo.target import MAX_LENGTH, TargetRecipe
+from msd.demo.world import IMAGE_FOLDER, TEXT_JSON, WORLD_JSON
 from msd.draft_checkpoint import load_draft
+from msd.draft_eagle3 import Eagle3DraftModel
 from msd.engine import SpeculativeLLaVA
-from msd.testing import random_draft
+from msd.testing import random_draft, random_eagle3_draft
 from msd.train.config import TrainConfig
 from msd.train.evaluation import first_turn_prompts
 from msd.train.metrics import METRICS_FILE
@@ -168,3 +170,38 @@ def test_two_stage_training_on_a_qwen2_vl_target_raises_tau(tmp_path):
     with torch.no_grad():  # lossless: exactly the target's own greedy decoding
         for inputs, output in zip(prompts, outputs):
             assert torch.equal(output, target.generate(**inputs, do_sample=False, max_new_tokens=QWEN_ANSWER))
+
+
+# ---------------------------------------------------------------------- EAGLE-3-style draft
+EAGLE3_TAU_GAIN = 0.5
+
+
+@pytest.fixture(scope="module")
+def eagle3_draft(demo):
+    """An EAGLE-3-style draft trained on the demo world with the MSD curriculum and training-time
+    test, over a reduced vocabulary (a quarter of the demo tokenizer's), features from the
+    2-layer target's embeddings and the state entering its second layer (twice)."""
+    root, world = demo["root"], demo["root"] / "world"
+    final = train(TrainConfig(
+        target=str(root / "target"), output_dir=str(root / "eagle3"), text_data=str(world / TEXT_JSON),
+        multimodal_data=str(world / WORLD_JSON), image_folder=str(world / IMAGE_FOLDER), epochs=RECIPE.draft.epochs,
+        batch_size=RECIPE.draft.batch_size, lr=RECIPE.draft.lr, warmup_steps=RECIPE.draft.warmup_steps,
+        max_length=MAX_LENGTH, samples_per_epoch=RECIPE.draft.samples_per_epoch, device="cpu", progress=False,
+        draft_kind="eagle3", draft_vocab_size=demo["target"].config.text_config.vocab_size // 4,
+        feature_layers="0,1,1", ttt_steps=3))
+    return final
+
+
+def test_an_eagle3_draft_learns_and_stays_lossless(demo, eagle3_draft):
+    target, prompts = demo["target"], demo["prompts"]
+    vocab = target.config.text_config.vocab_size
+    untrained = random_eagle3_draft(target, draft_vocab_size=vocab // 4, feature_layers=(0, 1, 1))
+    before, _ = greedy_tau(SpeculativeLLaVA(target, untrained, **TREE), prompts, MAX_NEW_TOKENS)
+    draft = load_draft(eagle3_draft, target)
+    assert isinstance(draft, Eagle3DraftModel) and draft.config.draft_vocab_size == vocab // 4
+    after, outputs = greedy_tau(SpeculativeLLaVA(target, draft, **TREE), prompts, MAX_NEW_TOKENS)
+    print(f"EAGLE-3-style draft tau: untrained {before:.2f}, trained {after:.2f}")
+    assert after >= before + EAGLE3_TAU_GAIN, (after, before)
+    with torch.no_grad():  # lossless: exactly the target's own greedy decoding
+        for inputs, output in zip(prompts, outputs):
+            assert torch.equal(output, target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS))

@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import types
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -23,15 +24,19 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2VLCo
 
 from msd.cli import main
 from msd.draft_checkpoint import load_draft, read_state_dict
+from msd.draft_eagle3 import Eagle3DraftModel
 from msd.engine import SpeculativeLLaVA
 from msd.prompts import encode_prompt
+from msd.train.capture import load_target
 from msd.train.checkpointing import last_checkpoint
 from msd.train.config import TrainConfig
 from msd.train.curriculum import multimodal_probability
+from msd.train.datasets import build_datasets
 from msd.train.evaluation import first_turn_prompts
 from msd.train.metrics import METRICS_FILE
 from msd.train.target_data import prompt_template
 from msd.train.trainer import train
+from msd.train.vocabulary import count_answer_tokens
 
 from tiny_models import tiny_llava, tiny_processor, tiny_qwen2_vl, tiny_qwen_processor
 
@@ -175,6 +180,9 @@ def assert_weights_close(expected_folder: Path, actual_folder: Path, tolerance: 
     expected, actual = weights(expected_folder), weights(actual_folder)
     assert expected.keys() == actual.keys()
     for key in expected:
+        if not expected[key].is_floating_point():  # vocabulary maps: exactly the same
+            assert torch.equal(expected[key], actual[key]), key
+            continue
         difference = (expected[key] - actual[key]).abs().max().item()
         assert difference < tolerance, (key, difference)
 
@@ -408,3 +416,73 @@ def test_qwen_eval_prompts_are_the_prompts_msd_generate_makes(qwen_world):
         for key in expected:
             assert torch.equal(prompt[key], expected[key]), key
     assert "image_grid_thw" in prompts[0] and "image_grid_thw" not in prompts[2]
+
+
+# ---------------------------------------------------------------------- EAGLE-3-style drafts
+# The world's target has 2 layers: fc fuses the embeddings and the states entering layers 1 and 1.
+EAGLE3 = {"draft_kind": "eagle3", "draft_vocab_size": 64, "feature_layers": "0,1,1", "ttt_steps": 3}
+EAGLE3_OPTIONS = ("--draft-kind", "eagle3", "--draft-vocab-size", "64", "--feature-layers", "0,1,1",
+                  "--ttt-steps", "3")
+
+
+def test_eagle3_resume_is_bitwise_and_keeps_its_vocabulary(world, tmp_path):
+    whole = train(config(world, tmp_path / "whole", **EAGLE3))
+    stopped = train(config(world, tmp_path / "split", max_steps=3, save_every=2, **EAGLE3))
+    assert stopped.name == "step-000003"
+    resumed = train(config(world, tmp_path / "split", resume=True, save_every=2, **EAGLE3))
+    expected, actual = weights(whole), weights(resumed)
+    assert {"midlayer.hidden_norm.weight", "lm_head.weight", "d2t", "t2d"} <= expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert expected["lm_head.weight"].shape[0] == 64
+    # The vocabulary: the 64 most frequent answer tokens of the world's records (ties: lower ids).
+    draft = load_draft(resumed)
+    assert isinstance(draft, Eagle3DraftModel) and draft.feature_layers(2) == (0, 1, 1)
+    kept = set(draft.to_target(torch.arange(64)).tolist())
+    processor = AutoProcessor.from_pretrained(world["target"])
+    answers = Counter()
+    for dataset in build_datasets(world["text"], world["multimodal"], str(world["root"]), processor, 128,
+                                  load_target(world["target"], torch.float32).config).values():
+        answers.update(count_answer_tokens(dataset[i] for i in range(len(dataset))))
+    assert set(sorted(answers, key=lambda token: (-answers[token], token))[:64]) <= kept
+    columns = ("step", "loss", "accuracy")
+    assert ([[row[c] for c in columns] for row in metrics(tmp_path / "split")]
+            == [[row[c] for c in columns] for row in metrics(tmp_path / "whole")])
+
+
+def test_eagle3_two_rank_ddp_matches_one_rank(world, tmp_path):
+    single = train(config(world, tmp_path / "single", batch_size=4, **PARALLEL, **EAGLE3))
+    two_ranks(world, tmp_path / "ddp", *EAGLE3_OPTIONS)
+    assert_weights_close(single, last_checkpoint(tmp_path / "ddp"), 1e-5)
+
+
+def test_eagle3_features_then_train_equals_online_training(world, tmp_path, capsys):
+    features = tmp_path / "features"
+    data = ["--target", world["target"], "--text-data", world["text"], "--multimodal-data", world["multimodal"],
+            "--image-folder", str(world["root"]), "--max-length", "128", "--device", "cpu"]
+    kind = ["--draft-kind", "eagle3", "--feature-layers", "0,1,1"]
+    assert main(["features", *data, *kind, "--output-dir", str(features), "--shard-size", "3"]) == 0
+    options = ["--epochs", "1", "--batch-size", "1", "--lr", "1e-3", "--warmup-steps", "0", "--samples-per-epoch",
+               "6", "--device", "cpu", "--no-progress", *kind, "--ttt-steps", "2"]
+    assert main(["train", "--target", world["target"], "--features-dir", str(features),
+                 "--output-dir", str(tmp_path / "offline"), *options]) == 0
+    assert main(["train", *data, "--output-dir", str(tmp_path / "online"), *options]) == 0
+    offline, online = weights(tmp_path / "offline" / "epoch-01"), weights(tmp_path / "online" / "epoch-01")
+    for key in online:
+        torch.testing.assert_close(offline[key], online[key], atol=1e-5, rtol=0)
+    # Features of other layers than the draft reads are refused.
+    with pytest.raises(ValueError, match="features_dir"):
+        train(config(world, tmp_path / "other", features_dir=str(features), text_data=None, multimodal_data=None,
+                     **{**EAGLE3, "feature_layers": "0,1,0"}))
+
+
+def test_eagle3_options_are_checked(world, tmp_path):
+    with pytest.raises(ValueError, match="feature_layers"):
+        train(config(world, tmp_path / "a", draft_kind="eagle3", feature_layers="0,1"))
+    with pytest.raises(ValueError, match="draft_vocab_size and feature_layers are options of draft_kind=eagle3"):
+        train(config(world, tmp_path / "b", draft_vocab_size=32))
+    with pytest.raises(ValueError, match="draft_kind"):
+        train(config(world, tmp_path / "c", draft_kind="eagle4"))
+    msd_draft = train(config(world, tmp_path / "msd", max_steps=1))
+    with pytest.raises(ValueError, match="is a msd draft, this run trains draft_kind=eagle3"):
+        train(config(world, tmp_path / "d", init_draft=str(msd_draft), max_steps=1, **EAGLE3))

@@ -169,7 +169,7 @@ def generation_options(args: argparse.Namespace) -> dict:
 CONFIG_FIELDS = {config_field.name: config_field for config_field in dataclasses.fields(TrainConfig)}
 # Data and model options msd features shares with msd train.
 FEATURES_OPTIONS = ("target", "text_data", "multimodal_data", "image_folder", "processor", "max_length", "device",
-                    "bf16")
+                    "bf16", "draft_kind", "feature_layers")
 
 
 def add_config_option(parser: argparse.ArgumentParser, name: str, help: str | None = None) -> None:

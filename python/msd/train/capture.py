@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from msd.train.config import device_and_dtype
+from msd.draft_eagle3 import default_feature_layers
+from msd.train.config import TrainConfig, device_and_dtype, parse_feature_layers
 from msd.train.datasets import build_datasets
 from msd.train.target_features import (
     TargetFeatureExtractor,
@@ -30,8 +31,23 @@ def load_target(path: str, dtype: torch.dtype):
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval().requires_grad_(False)
 
 
+def run_feature_layers(config: TrainConfig, target) -> tuple[int, ...] | None:
+    """The target hidden states a run's draft reads (``draft_kind=eagle3``: ``feature_layers``,
+    else EAGLE-3's default), or None for an MSD draft (the last, post-norm state)."""
+    if config.draft_kind != "eagle3":
+        return None
+    layers = parse_feature_layers(config.feature_layers)
+    num_layers = target.config.get_text_config().num_hidden_layers
+    layers = layers or default_feature_layers(num_layers)
+    if any(not 0 <= layer < num_layers for layer in layers):
+        raise ValueError(f"feature_layers {list(layers)}: the target has hidden states 0 .. {num_layers - 1} to fuse")
+    return layers
+
+
 def _to_device(value, device: torch.device, dtype: torch.dtype):
-    """A tensor on ``device``, floating-point ones (pixels, features) cast to ``dtype``."""
+    """A tensor on ``device``, floating-point ones (pixels, features) cast to ``dtype``; None stays None."""
+    if value is None:
+        return None
     return value.to(device, dtype=dtype if value.is_floating_point() else None)
 
 
@@ -52,17 +68,21 @@ def draft_inputs(batch: dict | None, extractor: TargetFeatureExtractor | None, d
 
 def write_features(target: str, output_dir: str, text_data: str | None = None, multimodal_data: str | None = None,
                    image_folder: str | None = None, processor: str | None = None, max_length: int = 2048,
-                   shard_size: int = 256, device: str | None = None, bf16: bool | None = None) -> dict[str, int]:
+                   shard_size: int = 256, device: str | None = None, bf16: bool | None = None,
+                   draft_kind: str = "msd", feature_layers: str | None = None) -> dict[str, int]:
     """``msd features``: store the target features of each stage's data in
     ``output_dir/text`` and ``output_dir/multimodal`` (:func:`write_feature_shards` shards,
     read back by ``TrainConfig(features_dir=output_dir)``). Skipped records are left out;
     running it again continues after the last complete shard. Returns the samples stored
-    per stage."""
+    per stage. ``draft_kind`` / ``feature_layers``: also the target states an EAGLE-3-style
+    draft reads (as ``msd train`` takes them)."""
     device, dtype = device_and_dtype(device, bf16)
     model = load_target(target, dtype).to(device)
     datasets = build_datasets(text_data, multimodal_data, image_folder,
                               AutoProcessor.from_pretrained(processor or target), max_length, model.config)
-    extractor = TargetFeatureExtractor(model)
+    layers = run_feature_layers(TrainConfig(target=target, output_dir=output_dir, draft_kind=draft_kind,
+                                            feature_layers=feature_layers), model)
+    extractor = TargetFeatureExtractor(model, layers)
     counts = {}
     for kind, dataset in datasets.items():
         items = (dataset[i] for i in range(len(dataset)))

@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msd.draft import MSDDraftModel
+from msd import eagle3_checkpoint
 from msd.draft_checkpoint import check_keys, read_state_dict, save_draft
+from msd.draft_eagle3 import Eagle3DraftModel
+from msd.draft_kinds import DraftModel
 from msd.train.config import TrainConfig
 from msd.train.curriculum import CurriculumSampler
 from msd.train.distributed import (
@@ -62,7 +64,7 @@ def set_rng_states(states: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def _write_checkpoint(output_dir: Path, name: str, draft: MSDDraftModel, state: dict) -> Path:
+def _write_checkpoint(output_dir: Path, name: str, draft: DraftModel, state: dict) -> Path:
     """Write ``output_dir/name`` atomically (temporary folder, rename), then point ``last`` at it."""
     final, temporary = output_dir / name, output_dir / f".{name}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
@@ -111,7 +113,11 @@ class Checkpoints:
                 raise ValueError(f"resume: the checkpoint was trained with {key}={state['config'][key]}, "
                                  f"this run has {getattr(self.config, key)}")
         trainee, fsdp = self.training_step, self.config.fsdp
-        weights = check_keys(read_state_dict(folder), trainee.draft.config.qkv_bias)
+        weights = read_state_dict(folder)
+        if isinstance(trainee.draft, Eagle3DraftModel):
+            weights = eagle3_checkpoint.check_state(weights, trainee.draft.config)
+        else:
+            weights = check_keys(weights, trainee.draft.config.qkv_bias)
         with writable_weights(trainee.model, fsdp):
             trainee.draft.load_state_dict(weights, strict=False)
         trainee.optimizer.load_state_dict(

@@ -30,6 +30,14 @@ class TrainConfig:
     processor: str | None = _option(None, "processor / tokenizer folder (default: the target's)")
     init_draft: str | None = _option(None, "start from this draft checkpoint (default: a fresh draft, fc and "
                                             "layer random, embeddings copied from the target)")
+    draft_kind: str = _option("msd", "msd: MSD's EAGLE-2-style draft (the last target state, the target's "
+                                     "lm_head); eagle3: an EAGLE-3-style draft (three target states fused by fc, "
+                                     "its own lm_head, trained with training-time test)")
+    draft_vocab_size: int | None = _option(None, "eagle3: the draft's vocabulary, the most frequent answer tokens of "
+                                                 "the training data (default: the target's whole vocabulary)")
+    feature_layers: str | None = _option(None, "eagle3: the target hidden states fc fuses, as comma-separated "
+                                               "output_hidden_states indices (default: 2, N//2, N-3 of N layers)")
+    ttt_steps: int = _option(7, "eagle3: training-time-test steps (the draft unrolled on its own predictions)")
     epochs: int = _option(10, "epochs E; the multimodal share of epoch e is r(e) (MSD_SPEC.md 4)")
     batch_size: int = _option(4, "samples per micro-batch and rank")
     grad_accum: int = _option(1, "micro-batches per optimiser step")
@@ -72,11 +80,34 @@ class TrainConfig:
     eval_total_tokens: int = _option(60, "tree tokens verified per step by the evaluation engine")
 
 
+DRAFT_KINDS = ("msd", "eagle3")
+
+
+def parse_feature_layers(text: str | None) -> tuple[int, ...] | None:
+    """``"2,16,29"`` -> ``(2, 16, 29)``; None stays None."""
+    if text is None:
+        return None
+    try:
+        layers = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"feature_layers must be comma-separated integers, got {text!r}") from None
+    if len(layers) != 3:
+        raise ValueError(f"feature_layers: fc fuses three target states, got {len(layers)} in {text!r}")
+    return layers
+
+
 def check_options(config: TrainConfig) -> None:
     """Reject bad settings before anything slow is loaded; the message names the option."""
-    for name in ("epochs", "batch_size", "grad_accum", "eval_samples", "eval_max_new_tokens"):
+    for name in ("epochs", "batch_size", "grad_accum", "eval_samples", "eval_max_new_tokens", "ttt_steps"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.draft_kind not in DRAFT_KINDS:
+        raise ValueError(f"draft_kind must be one of {', '.join(DRAFT_KINDS)}, got {config.draft_kind!r}")
+    if config.draft_kind != "eagle3" and (config.draft_vocab_size is not None or config.feature_layers is not None):
+        raise ValueError("draft_vocab_size and feature_layers are options of draft_kind=eagle3")
+    parse_feature_layers(config.feature_layers)
+    if config.draft_vocab_size is not None and config.draft_vocab_size < 1:
+        raise ValueError(f"draft_vocab_size must be >= 1, got {config.draft_vocab_size}")
     if config.eval_every < 0:
         raise ValueError(f"eval_every must be >= 0, got {config.eval_every}")
     if config.eval_data is None:

@@ -20,6 +20,7 @@ from PIL import Image
 from transformers import BatchFeature
 
 from msd.draft import MSDDraftModel
+from msd.draft_eagle3 import Eagle3DraftModel
 from msd.engine import SpeculativeLLaVA
 from msd.train.checkpointing import rng_states, set_rng_states
 from msd.train.config import TrainConfig
@@ -76,8 +77,10 @@ class TauEvaluator:
     def __init__(self, target, draft: MSDDraftModel, prompts: list[BatchFeature], max_new_tokens: int, *, top_k: int,
                  depth: int, total_tokens: int):
         device = target.get_output_embeddings().weight.device
-        # memo: the copy shares the target's lm_head instead of duplicating it.
-        copy = deepcopy(draft, memo={id(draft.lm_head): draft.lm_head})
+        # memo: an MSD draft's copy shares the target's lm_head instead of duplicating it (an
+        # EAGLE-3-style draft's lm_head is its own, trained: copied with the rest).
+        shared = {} if isinstance(draft, Eagle3DraftModel) else {id(draft.lm_head): draft.lm_head}
+        copy = deepcopy(draft, memo=shared)
         self.draft = copy.to(device=device, dtype=target.dtype).requires_grad_(False)
         self.engine = SpeculativeLLaVA(target, self.draft, top_k=top_k, depth=depth, total_tokens=total_tokens)
         self.prompts = [prompt.to(device, dtype=target.dtype) for prompt in prompts]  # dtype: floats only

@@ -73,6 +73,9 @@ class TargetFeatures:
     hidden: torch.Tensor  # [B, L, H] target dtype, post-final-norm = lm_head input
     visual_mask: torch.Tensor  # [B, L] bool, input id is a visual placeholder (image or video)
     attention_mask: torch.Tensor  # [B, L] bool, False on padding
+    # [B, L, k*H] target dtype: for EAGLE-3-style drafts, the hidden states entering the captured
+    # layers (Hugging Face's output_hidden_states indices), concatenated; None for MSD drafts.
+    aux: torch.Tensor | None = None
 
 
 class TargetFeatureExtractor:
@@ -82,8 +85,9 @@ class TargetFeatureExtractor:
     visual placeholder ids (images and videos) are the adapter's too.
     """
 
-    def __init__(self, target):
+    def __init__(self, target, feature_layers: tuple[int, ...] | None = None):
         self.target = target.eval().requires_grad_(False)
+        self.feature_layers = feature_layers  # the hidden states an EAGLE-3-style draft fuses (aux)
         self.adapter = adapter_for(target)
         self.input_names = self.adapter.input_names
         self.visual_token_ids = sorted(self.adapter.visual_inputs)
@@ -111,11 +115,15 @@ class TargetFeatureExtractor:
                                  f"{type(self.target).__name__} (M-RoPE positions count from the left)")
         else:  # positions count real tokens only, so left or right padding both work
             model_inputs["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        if self.feature_layers is not None:
+            model_inputs["output_hidden_states"] = True
         with capture_inputs_embeds(self.target) as captured:
             out = self.target.model(input_ids=input_ids, attention_mask=attention_mask.long(), use_cache=False,
                                     **model_inputs)
+        aux = None if self.feature_layers is None else torch.cat(
+            [out.hidden_states[layer] for layer in self.feature_layers], dim=-1)
         return TargetFeatures(input_ids, captured["embeds"], out.last_hidden_state,
-                              self.adapter.visual_mask(input_ids), attention_mask)
+                              self.adapter.visual_mask(input_ids), attention_mask, aux)
 
 
 def draft_training_inputs(features: TargetFeatures, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -128,7 +136,8 @@ def draft_training_inputs(features: TargetFeatures, loss_mask: torch.Tensor) -> 
     Returns:
         ``input_ids`` ``[B, N]`` (``x_{j+1}``), ``visual_embeds`` ``[B, N, H]`` and
         ``visual_mask`` ``[B, N]`` (for ``MSDDraftModel.fuse_inputs``), ``features``
-        ``[B, N, H]`` (``f_j``, to be noised), ``target`` ``[B, N, H]`` (``f_{j+1}``),
+        ``[B, N, H]`` (``f_j``, to be noised; ``[B, N, k*H]``, the captured states, when
+        ``features.aux`` is given), ``target`` ``[B, N, H]`` (``f_{j+1}``, post-norm),
         ``loss_mask`` ``[B, N]`` (zero on padding), ``attention_mask`` ``[B, N]`` bool
         (real draft positions) and ``position_ids`` ``[B, N]`` (``0..N-1``).
     """
@@ -138,7 +147,7 @@ def draft_training_inputs(features: TargetFeatures, loss_mask: torch.Tensor) -> 
         "input_ids": features.input_ids[:, 1:],
         "visual_embeds": features.inputs_embeds[:, 1:],
         "visual_mask": features.visual_mask[:, 1:],
-        "features": features.hidden[:, :-1],
+        "features": (features.hidden if features.aux is None else features.aux)[:, :-1],
         "target": features.hidden[:, 1:],
         "loss_mask": loss_mask[:, :-1] * attention_mask,
         "attention_mask": attention_mask,
@@ -181,10 +190,13 @@ def write_feature_shards(dataset_iter: Iterable[dict], extractor: TargetFeatureE
     out_dir.mkdir(parents=True, exist_ok=True)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    layers = list(extractor.feature_layers) if extractor.feature_layers is not None else None
     index = _read_index(out_dir) or {"shard_size": shard_size, "visual_token_ids": extractor.visual_token_ids,
-                                     "shards": []}
+                                     "feature_layers": layers, "shards": []}
     if index["shard_size"] != shard_size:
         raise ValueError(f"{out_dir} holds shards of {index['shard_size']} samples, asked for {shard_size}")
+    if index.get("feature_layers") != layers:
+        raise ValueError(f"{out_dir} holds the features of layers {index.get('feature_layers')}, asked for {layers}")
     # Resume after the complete shards that are still there.
     done = next((i for i, shard in enumerate(index["shards"]) if not (out_dir / shard["file"]).exists()),
                 len(index["shards"]))
@@ -207,12 +219,15 @@ def _sample_tensors(sample: int, item: dict, extractor: TargetFeatureExtractor) 
     inputs = {name: value.unsqueeze(0) if value.dim() == 1 else value
               for name, value in item.items() if name in extractor.input_names}
     features = extractor(item["input_ids"].unsqueeze(0), **inputs)
-    return {
+    tensors = {
         f"{sample}.input_ids": item["input_ids"].long(),
         f"{sample}.loss_mask": item["loss_mask"].to(torch.uint8),
         f"{sample}.hidden": features.hidden[0],
         f"{sample}.visual_embeds": features.inputs_embeds[0, features.visual_mask[0]],
     }
+    if features.aux is not None:
+        tensors[f"{sample}.aux"] = features.aux[0]
+    return tensors
 
 
 def _flush_shard(out_dir: Path, index: dict, tensors: dict[str, torch.Tensor], end: int) -> None:
@@ -246,6 +261,8 @@ class FeatureShardDataset(Dataset):
         self.files = [shard["file"] for shard in index["shards"]]
         self.shard_size = index["shard_size"]
         self.length = index["shards"][-1]["samples"][1] if index["shards"] else 0
+        layers = index.get("feature_layers")  # the captured states stored (EAGLE-3-style drafts), or None
+        self.feature_layers = tuple(layers) if layers is not None else None
 
     def __len__(self) -> int:
         return self.length
@@ -255,7 +272,8 @@ class FeatureShardDataset(Dataset):
             raise IndexError(f"sample {sample} out of range [0, {self.length})")
         with safe_open(self.out_dir / self.files[sample // self.shard_size], framework="pt") as shard:
             item = {key: shard.get_tensor(f"{sample}.{key}")
-                    for key in ("input_ids", "loss_mask", "hidden", "visual_embeds")}
+                    for key in ("input_ids", "loss_mask", "hidden", "visual_embeds", "aux")
+                    if f"{sample}.{key}" in shard.keys()}
         visual_mask = torch.isin(item["input_ids"], self.visual_token_ids)
         inputs_embeds = item["hidden"].new_zeros(item["hidden"].shape)
         inputs_embeds[visual_mask] = item.pop("visual_embeds")
@@ -270,5 +288,5 @@ def collate_feature_samples(samples: list[dict]) -> tuple[TargetFeatures, torch.
     lengths = torch.tensor([len(s["input_ids"]) for s in samples])
     attention_mask = torch.arange(int(lengths.max()))[None] < lengths[:, None]
     features = TargetFeatures(pad("input_ids"), pad("inputs_embeds"), pad("hidden"), pad("visual_mask"),
-                              attention_mask)
+                              attention_mask, pad("aux") if "aux" in samples[0] else None)
     return features, pad("loss_mask")

@@ -38,7 +38,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import AutoProcessor
 
-from msd.train.capture import draft_inputs, load_target
+from msd.train.capture import draft_inputs, load_target, run_feature_layers
 from msd.train.checkpointing import Checkpoints, last_checkpoint
 from msd.train.config import TrainConfig, check_options, device_and_dtype
 from msd.train.datasets import (
@@ -52,8 +52,9 @@ from msd.train.datasets import (
 from msd.train.distributed import Ranks, all_reduce, barrier, release_ranks, setup_ranks, sum_counts
 from msd.train.evaluation import evaluate_during_training, run_evaluator
 from msd.train.metrics import MetricsLog
-from msd.train.step import MSDTrainingStep, training_draft
+from msd.train.step import training_draft, training_step
 from msd.train.target_features import TargetFeatureExtractor
+from msd.train.vocabulary import count_answer_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +80,16 @@ class _Run:
         _, self.dtype = device_and_dtype(config.device, config.bf16)
 
         target = load_target(config.target, self.dtype)
+        feature_layers = run_feature_layers(config, target)
         processor = AutoProcessor.from_pretrained(config.processor or config.target) if (
             config.eval_data or not config.features_dir) else None
         if config.features_dir:  # the target only lends its head (and the fresh draft's embeddings)
             self.extractor = None
             datasets = feature_datasets(config.features_dir)
+            stored = {dataset.feature_layers for dataset in datasets.values()}
+            if stored != {feature_layers}:
+                raise ValueError(f"features_dir {config.features_dir} holds the features of layers {stored.pop()}, "
+                                 f"this draft reads {feature_layers}: run msd features with the same draft options")
             collate_fn = collate_shards
             if config.eval_data and ranks.main:  # the evaluation runs the whole target
                 target.to(device)
@@ -92,7 +98,7 @@ class _Run:
             datasets = build_datasets(config.text_data, config.multimodal_data, config.image_folder, processor,
                                       config.max_length, target.config)
             collate_fn = partial(collate_records, pad_id=next(iter(datasets.values())).pad_id)
-            self.extractor = TargetFeatureExtractor(target.to(device))
+            self.extractor = TargetFeatureExtractor(target.to(device), feature_layers)
             lm_head = target.get_output_embeddings()
         self.datasets = datasets
         skipped = sum_counts(skipped_records(datasets), ranks)
@@ -100,11 +106,14 @@ class _Run:
             logger.warning("skipped records found when scanning the data: %s", dict(skipped))
         self.sampler, self.loader = curriculum_loader(datasets, collate_fn, config, ranks.world, ranks.rank)
 
-        draft = training_draft(config, target, lm_head, device)
+        counts = None
+        if config.draft_kind == "eagle3" and config.draft_vocab_size is not None and not config.init_draft:
+            counts = count_answer_tokens(dataset[i] for dataset in datasets.values() for i in range(len(dataset)))
+        draft = training_draft(config, target, lm_head, device, counts)
         # Built before FSDP shards the draft: the evaluator copies it.
         self.evaluator = run_evaluator(config, target, draft, processor) if config.eval_data and ranks.main else None
         total_steps = -(-len(self.loader) // config.grad_accum) * config.epochs
-        self.training_step = MSDTrainingStep(draft, config, ranks, self.dtype, total_steps)
+        self.training_step = training_step(draft, lm_head, config, ranks, self.dtype, total_steps)
         self.checkpoints = Checkpoints(self.output_dir, config, ranks, self.training_step, self.sampler)
         self.step, self.epoch, self.consumed = 0, 1, 0
         if config.resume:

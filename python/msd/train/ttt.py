@@ -83,8 +83,8 @@ def ttt_outputs(draft: Eagle3DraftModel, input_ids: torch.Tensor, features: torc
     return outputs
 
 
-def ttt_loss(draft: Eagle3DraftModel, inputs: dict[str, torch.Tensor], target_head: Callable[[torch.Tensor], torch.Tensor],
-             steps: int, decay: float = DECAY) -> LossTerms:
+def ttt_loss(draft: Eagle3DraftModel, inputs: dict[str, torch.Tensor],
+             target_head: Callable[[torch.Tensor], torch.Tensor], steps: int, decay: float = DECAY) -> LossTerms:
     """The training-time-test loss of one batch of :func:`msd.train.target_features.draft_training_inputs`
     with EAGLE-3 features (``features`` ``[B, N, 3H]``; ``target`` the post-norm target states
     ``f_{j+1}``, turned into next-token logits by the target's ``target_head``)."""
