@@ -16,7 +16,7 @@ from PIL import Image
 
 from msd.cli import build_parser, main
 from msd.demo.run import MARKER, DemoRecipe, DraftRecipe, Stage, demo_stages, run_demo, run_stages
-from msd.demo.target import TargetRecipe, make_target, vision_position_embedding
+from msd.demo.target import TargetRecipe, cell_labels, make_target, vision_position_embedding
 from msd.demo.tokenizer import VISION_PATCH, build_processor
 from msd.demo.world import (
     CELL,
@@ -24,6 +24,7 @@ from msd.demo.world import (
     IMAGE_FOLDER,
     NUMBERS,
     POSITIONS,
+    SHAPES,
     TEXT_JSON,
     WORLD_JSON,
     build_world,
@@ -125,6 +126,20 @@ def test_answers_hold_in_the_rendered_images(world):
         assert 1 <= len(scene) <= 4
         for question, answer in _pairs(record):
             check_answer(scene, question, answer)
+
+
+def test_cell_labels_name_what_each_patch_shows(world):
+    """The vision tower's pretraining labels (one per 16-pixel patch of the 48-pixel input,
+    row by row) are what the rendered image shows in that patch's grid cell."""
+    colour_names, shape_names = [None, *COLOURS], [None, *SHAPES]
+    for scene in load_scenes(world)[:20]:
+        colours, shapes = cell_labels(scene)
+        seen = read_scene(render(scene))
+        for row in range(3):
+            for column in range(3):
+                place = next((name for name, cell in POSITIONS.items() if cell == (row, column)), None)
+                labelled = (colour_names[colours[3 * row + column]], shape_names[shapes[3 * row + column]])
+                assert labelled == seen.get(place, (None, None)), (scene, row, column)
 
 
 def test_text_corpus_is_text_only_and_answers_arithmetic_right(world):
@@ -229,7 +244,7 @@ def test_stage_cache_skips_complete_stages_and_redoes_the_rest(tmp_path):
 
 
 TINY = DemoRecipe(scenes=8, texts=8, draft=DraftRecipe(epochs=2, batch_size=4, warmup_steps=1, samples_per_epoch=8),
-                  target=TargetRecipe(hidden=32, layers=1, vision_hidden=16, vision_layers=1, epochs=1,
+                  target=TargetRecipe(hidden=32, layers=1, vision_hidden=16, vision_layers=1, vision_steps=2, epochs=1,
                                       batch_size=8, warmup_steps=1))
 
 

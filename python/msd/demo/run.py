@@ -45,7 +45,7 @@ from msd.engine import SpeculativeLLaVA
 from msd.errors import UserError
 from msd.prompts import encode_prompt
 
-DEMO_VERSION = "v2"  # bump when a recipe changes, so that old caches are not reused
+DEMO_VERSION = "v3"  # bump when a recipe changes, so that old caches are not reused
 MARKER = "complete.json"
 # A small tree: the tiny target verifies any tree in about the same time, so the draft's
 # per-step cost (top_k and depth) decides the speed; measured best on two CPU cores.

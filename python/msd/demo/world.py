@@ -330,7 +330,7 @@ def build_world(folder: Path, num_scenes: int, num_text: int, seed: int = 0, pro
     scenes, records = [], []
     for index in tqdm(range(num_scenes), desc="world: drawing scenes", disable=not progress, unit="scene"):
         scene = random_scene(rng)
-        name = f"scene-{index:05d}.png"
+        name = scene_image(index)
         render(scene).save(images / name)
         scenes.append(scene.to_json())
         records.append({"id": f"scene-{index}", "image": name,
@@ -339,6 +339,11 @@ def build_world(folder: Path, num_scenes: int, num_text: int, seed: int = 0, pro
              for index in range(num_text)]
     for name, content in ((WORLD_JSON, records), (TEXT_JSON, texts), (SCENES_JSON, scenes)):
         (folder / name).write_text(json.dumps(content, indent=1), encoding="utf-8")
+
+
+def scene_image(index: int) -> str:
+    """The file name, in the world's image folder, of scene ``index`` (its place in ``scenes.json``)."""
+    return f"scene-{index:05d}.png"
 
 
 def load_scenes(folder: Path) -> list[Scene]:
