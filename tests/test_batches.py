@@ -158,6 +158,49 @@ def test_batch_sampling_matches_each_rows_distribution(targets):
         assert_matches_distribution([tuple(sample[index]) for sample in samples], exact[index])
 
 
+def test_repack_moves_the_kept_sequences_to_the_front_in_place():
+    """Packing the running sequences of a cache (two repacks, 5 -> 3 -> 2) gives the rows an
+    index_select over the batch gives, in a view of the same storage."""
+    torch.manual_seed(0)
+    cache = msd.cache.StaticKVCache(2, 5, 2, 8, 3, torch.float32, "cpu")
+    cache.kv.copy_(torch.randn_like(cache.kv))
+    cache.prefix_len.copy_(torch.tensor([3, 1, 4, 1, 5], dtype=torch.int32))
+    original, lengths = cache.kv.clone(), cache.prefix_len.clone()
+    three = cache.repack(5, [1, 3, 4])
+    assert three.kv.is_contiguous() and three.kv.data_ptr() == cache.kv.data_ptr()
+    assert torch.equal(three.kv, original[:, [1, 3, 4]]) and torch.equal(three.prefix_len, lengths[[1, 3, 4]])
+    two = cache.repack(3, [0, 2])
+    assert torch.equal(two.kv, original[:, [1, 4]]) and torch.equal(two.prefix_len, lengths[[1, 4]])
+    assert cache.packed(2).kv.data_ptr() == two.kv.data_ptr()
+    with pytest.raises(ValueError, match="keep"):
+        cache.repack(2, [1, 0])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_finished_rows_leave_the_batch(targets, family):
+    """Once most rows have stopped, the step runs on the others alone (packed to the front of
+    the same buffers), and every row still equals its prompt alone."""
+    target = targets[family]
+    rows = row_prompts(target, 4, seed=11)
+    free = [target.generate(**row, do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=None)[0]
+            [row["input_ids"].shape[1]:] for row in rows]
+
+    def stops(eos: int) -> list[int]:
+        return [next((index + 1 for index, token in enumerate(run.tolist()) if token == eos), MAX_NEW) for run in free]
+
+    # An EOS that ends at least half the rows early and some row late.
+    eos = next(token for token in free[0].tolist()
+               if sum(stop < max(stops(token)) - 2 for stop in stops(token)) >= 2)
+    options = dict(max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=PAD)
+    alone = [target.generate(**row, do_sample=False, **options) for row in rows]
+    batch = left_padded(rows)
+    engine = engine_for(target, OracleProposals([output[0].tolist() for output in alone], 0.3))
+    got = engine.generate(**batch, **options)
+    assert_batch_matches(target, rows, got, alone, batch, None, PAD)
+    sizes = engine.last_stats.batch_per_step
+    assert sizes[0] == 4 and min(sizes) <= 2 and sizes == sorted(sizes, reverse=True), sizes
+
+
 def test_buffers_are_reused_by_a_call_of_the_same_shape(targets):
     target = targets["llava"]
     batch = left_padded(row_prompts(target, 3))

@@ -71,3 +71,34 @@ class StaticKVCache:
     def compact(self, accepted_index: torch.Tensor, num_accepted: torch.Tensor) -> None:
         """Keep the accepted tree rows (root first) and commit them (see ``kv_compact``)."""
         msd_kernels.kv_compact(self.kv, accepted_index, num_accepted, self.prefix_len)
+
+    # A batch that loses sequences is packed into the start of the same storage rather than
+    # copied to a new cache: no new memory, and the packed caches of each batch size are the
+    # same tensors on every call (what a captured CUDA graph needs).
+    def packed(self, batch: int) -> StaticKVCache:
+        """The cache of ``batch`` <= :attr:`batch` sequences laid out contiguously, as the kernels
+        take it (``[2 * layers, batch, Hkv, S_max, D]``), at the start of this cache's storage,
+        with the first ``batch`` lengths. :meth:`repack` moves sequences into it."""
+        if not 1 <= batch <= self.batch:
+            raise ValueError(f"batch must be in [1, {self.batch}], got {batch}")
+        if batch == self.batch:
+            return self
+        planes, _, heads, max_len, head_dim = self.kv.shape
+        shape = (planes, batch, heads, max_len, head_dim)
+        kv = self.kv.view(-1)[:shape[0] * batch * heads * max_len * head_dim].view(shape)
+        return self._view(kv, self.prefix_len[:batch])
+
+    def repack(self, batch: int, keep: list[int]) -> StaticKVCache:
+        """Move sequences ``keep`` (ascending) of the packed cache of ``batch`` sequences to rows
+        ``0 .. len(keep) - 1`` of the packed cache of ``len(keep)``, and return that cache.
+        Destination blocks never lie after their source and every plane is moved before the
+        next plane's sources are overwritten, so the moves can be made in place."""
+        if list(keep) != sorted(set(keep)) or not keep or keep[-1] >= batch:
+            raise ValueError(f"keep must be ascending distinct sequences of the {batch}, got {keep}")
+        planes, rows = self.kv.shape[0], len(keep)
+        blocks = self.kv.view(planes * self.batch, -1)  # one block per (plane, sequence)
+        source = torch.tensor(keep, device=self.kv.device)
+        for plane in range(planes):
+            blocks[plane * rows:(plane + 1) * rows] = blocks[plane * batch + source]  # the gather copies first
+        self.prefix_len[:rows] = self.prefix_len[source]
+        return self.packed(rows)

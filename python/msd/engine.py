@@ -10,9 +10,10 @@ The data path: the target adapter (:mod:`msd.targets`) builds the prompts' text-
 with the target's own multimodal forward; the decoder (:mod:`msd.decoder`) runs the text
 model; the drafter (:mod:`msd.tree_draft`) grows the tree; the verifier
 (:mod:`msd.verifier`) accepts. After an eager prefill, decoding runs one fixed-shape device
-step at a time (:mod:`msd.step`) over the whole batch; the host reads one small result per
-step (a step behind on a GPU, so that the device never waits for it) to emit tokens and stop
-sequences.
+step at a time (:mod:`msd.step`) over the batch; the host reads one small result per step (a
+step behind on a GPU, so that the device never waits for it) to emit tokens and stop
+sequences. Finished sequences are frozen; once the running ones fit in half the batch, they
+are packed into the first rows of the same buffers and the step runs on that smaller batch.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class GenerationStats:
     seconds: float = 0.0
     accepted: list[int] = field(default_factory=list)  # draft tokens accepted, per step and running sequence
     sequences: int = 1
-    steps: int = 0  # target verification forwards (each over the whole batch)
+    steps: int = 0  # target verification forwards
+    batch_per_step: list[int] = field(default_factory=list)  # the batch each step ran on
 
     @property
     def tau(self) -> float:
@@ -68,6 +70,7 @@ class _Buffers:
     drafter: TreeDrafter
     state: StepState
     steps: dict = field(default_factory=dict)  # the step (eager, compiled or graphed) by generation options
+    packed: dict = field(default_factory=dict)  # batch -> the _Buffers of the first `batch` sequences (views)
 
 
 class _Sequence:
@@ -307,16 +310,21 @@ class SpeculativeLLaVA:
                 sequences: list[_Sequence], stats: GenerationStats) -> None:
         """Steps until every sequence has stopped. On a GPU the next step is queued before the
         host reads the last one's result, so the device never waits for the host; a sequence
-        that stopped is then frozen from the step after."""
-        step = self._step(buffers, verifier, config)
+        that stopped is then frozen from the step after. Once the running sequences fit in half
+        the step's batch, they are packed to the front and the step runs on them alone: at most
+        log2(batch) repacks and step shapes (compilations, CUDA graphs) per call."""
         look_ahead = self.adapter.device.type == "cuda"
-        state = buffers.state
-        self._freeze_stopped(state, sequences)
+        rows = list(range(len(sequences)))  # the sequence in each row of the step's batch
+        current = buffers
+        buffers.drafter.proposer.select_rows(rows)
+        step = self._step(current, verifier, config)
+        self._freeze_stopped(current.state, [sequences[row] for row in rows])
 
         def launch() -> tuple[torch.Tensor, torch.cuda.Event | None]:
             """Queue a step and the copy of its result to the host."""
             tokens, count = step()
             stats.steps += 1
+            stats.batch_per_step.append(len(rows))
             result = torch.cat([count.unsqueeze(1), tokens], 1).to("cpu", non_blocking=look_ahead)
             if not look_ahead:
                 return result, None
@@ -324,20 +332,45 @@ class SpeculativeLLaVA:
             copied.record()
             return result, copied
 
+        def take(launched: tuple[torch.Tensor, torch.cuda.Event | None]) -> list[int]:
+            """Emit a step's tokens; the rows whose sequences still run."""
+            result, copied = launched
+            if copied is not None:
+                copied.synchronize()
+            for row, (count, *tokens) in zip(rows, result.tolist()):
+                if not sequences[row].done and count:
+                    stats.accepted.append(count - 1)
+                    sequences[row].emit(tokens[:count])
+            return [index for index, row in enumerate(rows) if not sequences[row].done]
+
         pending = launch() if not all(sequence.done for sequence in sequences) else None
         while pending is not None:
             queued = launch() if look_ahead else None
-            result, copied = pending
-            if copied is not None:
-                copied.synchronize()
-            for sequence, (count, *tokens) in zip(sequences, result.tolist()):
-                if not sequence.done and count:
-                    stats.accepted.append(count - 1)
-                    sequence.emit(tokens[:count])
-            if all(sequence.done for sequence in sequences):
+            live = take(pending)
+            if live and len(live) <= len(rows) // 2:
+                if queued is not None:  # it ran on the old batch: its tokens first
+                    live, queued = take(queued), None
+                if live:
+                    current = self._repack(buffers, len(rows), live)
+                    rows = [rows[index] for index in live]
+                    buffers.drafter.proposer.select_rows(rows)
+                    step = self._step(current, verifier, config)
+            if not live:
                 break
-            self._freeze_stopped(state, sequences)
-            pending = queued if look_ahead else launch()
+            self._freeze_stopped(current.state, [sequences[row] for row in rows])
+            pending = queued if queued is not None else launch()
+
+    def _repack(self, buffers: _Buffers, batch: int, keep: list[int]) -> _Buffers:
+        """Move the sequences in rows ``keep`` (ascending) of the first ``batch`` to the front;
+        the buffers of those ``len(keep)`` sequences (views of ``buffers``', made once)."""
+        buffers.target_cache.repack(batch, keep)
+        buffers.drafter.repack(batch, keep)
+        buffers.state.repack(keep)
+        rows = len(keep)
+        if rows not in buffers.packed:
+            buffers.packed[rows] = _Buffers(buffers.target_cache.packed(rows), buffers.drafter.packed(rows),
+                                            buffers.state.packed(rows))
+        return buffers.packed[rows]
 
     @staticmethod
     def _freeze_stopped(state: StepState, sequences: list[_Sequence]) -> None:

@@ -30,6 +30,10 @@ class Proposer(Protocol):
     def __call__(self, draft: DraftModel, hidden: torch.Tensor, paths: torch.Tensor,
                  start: torch.Tensor) -> torch.Tensor: ...
 
+    def select_rows(self, rows: list[int]) -> None:
+        """From now on row ``i`` of the step's batch is sequence ``rows[i]`` of the batch
+        ``generate`` got (called when decoding starts, and when finished sequences leave)."""
+
 
 class DraftProposer:
     """The draft head's own proposals: its logits over its vocabulary."""
@@ -37,3 +41,6 @@ class DraftProposer:
     def __call__(self, draft: DraftModel, hidden: torch.Tensor, paths: torch.Tensor,
                  start: torch.Tensor) -> torch.Tensor:
         return draft.compute_logits(hidden)
+
+    def select_rows(self, rows: list[int]) -> None:
+        """The draft head needs no row map."""

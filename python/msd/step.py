@@ -44,6 +44,18 @@ class StepState:
                    torch.zeros(rope_shape, **long), torch.ones(batch, dtype=torch.bool, device=device),
                    torch.zeros(2, **long))
 
+    def packed(self, batch: int) -> StepState:
+        """The state of the first ``batch`` sequences: views of this one's rows (the RNG shared)."""
+        return StepState(self.root[:batch], self.commit_tokens[:batch], self.commit_features[:batch],
+                         self.commit_count[:batch], self.rope_delta[..., :batch], self.active[:batch], self.rng_state)
+
+    def repack(self, keep: list[int]) -> None:
+        """Move sequences ``keep`` (ascending) to rows ``0 .. len(keep) - 1``."""
+        source, rows = torch.tensor(keep, device=self.root.device), len(keep)
+        for values in (self.root, self.commit_tokens, self.commit_features, self.commit_count, self.active):
+            values[:rows] = values[source]
+        self.rope_delta[..., :rows] = self.rope_delta[..., source]
+
 
 class DecodeStep:
     """``step()`` -> ``(tokens [B, W], count [B])``: the tokens each sequence gained (its accepted

@@ -60,7 +60,8 @@ class ControlledProposals:
     def __init__(self, reference: list[int] | list[list[int]], corruption: float, seed: int = 0):
         rows = [reference] if reference and isinstance(reference[0], int) else reference
         width = max(len(row) for row in rows)
-        self.reference = torch.tensor([list(row) + [-1] * (width - len(row)) for row in rows])  # [B, N], -1 pad
+        self.all_rows = torch.tensor([list(row) + [-1] * (width - len(row)) for row in rows])  # [B, N], -1 pad
+        self.reference = self.all_rows  # the rows of the sequences the step runs on
         self.corruption = corruption
         self.generator = torch.Generator().manual_seed(seed)
         self.seconds = 0.0  # time spent planting proposals (the draft's own logits not included)
@@ -74,6 +75,9 @@ class ControlledProposals:
         _synchronize(logits.device)
         self.seconds += time.perf_counter() - started
         return proposals
+
+    def select_rows(self, rows: list[int]) -> None:
+        self.reference = self.all_rows[rows]
 
     def _plant(self, logits: torch.Tensor, paths: torch.Tensor, start: torch.Tensor, to_draft) -> torch.Tensor:
         batch, nodes, vocab = logits.shape

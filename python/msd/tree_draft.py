@@ -14,6 +14,7 @@ device tensors, so a whole decoding step runs without host synchronisation.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,21 @@ class TreeDrafter:
                                        device=device)  # draft output at each sequence's last committed pair
         # Row r: scratch row r's bit alone, packed as tree_attention masks are.
         self._own_bits = msd_kernels.pack_mask(torch.eye(depth * top_k, dtype=torch.bool)).to(device)
+
+    def packed(self, batch: int) -> TreeDrafter:
+        """The drafter of the first ``batch`` sequences: over the packed draft cache
+        (:meth:`StaticKVCache.packed`) and views of this drafter's pool and root states."""
+        drafter = copy.copy(self)
+        drafter.cache = self.cache.packed(batch)
+        drafter.pool = tuple(slots[:batch] for slots in self.pool)
+        drafter.root_hidden = self.root_hidden[:batch]
+        return drafter
+
+    def repack(self, batch: int, keep: list[int]) -> None:
+        """Move sequences ``keep`` (ascending) of the first ``batch`` to the front (see
+        :meth:`StaticKVCache.repack`); the pool is rewritten by every tree anyway."""
+        self.cache.repack(batch, keep)
+        self.root_hidden[:len(keep)] = self.root_hidden[torch.tensor(keep, device=self.root_hidden.device)]
 
     def _forward(self, inputs: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache, **masks):
         return self.draft(inputs, positions, cache=cache, **masks)
