@@ -127,13 +127,16 @@ def _expand_from_root(logits, frontier_scores, top_k, backend):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_expand_ties_match_reference(device, batch, n, top_k, extra_vocab, levels, dtype, seed):
-    """Logits and frontier scores from a few integers: exact ties everywhere (children of one
-    node, and candidates of different nodes), on both sides of every vector block of the CPU
-    kernel; each goes to the lower token id or pool slot, as in the reference."""
+    """Logits from a few integers: exact ties among a node's children, on both sides of every
+    vector block of the CPU kernel, and between nodes (the same row of logits and frontier
+    score for all nodes of a sequence: rows that differ only in order would not tie exactly,
+    as torch's sum of exponentials depends on the order). Ties go to the lower token id, then
+    to the lower pool slot, as in the reference."""
     generator = torch.Generator().manual_seed(seed)
     vocab = top_k + extra_vocab
-    logits = torch.randint(0, levels + 1, (batch, n, vocab), generator=generator).to(dtype).to(device)
-    frontier_scores = -torch.randint(0, 2, (batch, n), generator=generator).float().to(device)
+    row = torch.randint(0, levels + 1, (batch, 1, vocab), generator=generator)
+    logits = row.expand(batch, n, vocab).to(dtype).to(device)
+    frontier_scores = torch.zeros(batch, n, device=device)
     frontier, pool = _expand_from_root(logits, frontier_scores, top_k, "compiled")
     ref_frontier, ref_pool = _expand_from_root(logits, frontier_scores, top_k, "reference")
     _assert_same_expand(frontier, ref_frontier)

@@ -25,8 +25,7 @@ namespace {
 // the pool costs more than it saves, and on a busy machine a descheduled worker stalls
 // the whole call. One level of an EAGLE tree (10 x 32000) stays on one thread.
 constexpr int64_t kMinTaskLogits = int64_t{1} << 19;
-constexpr int64_t kExpBlock = 256;  // logits per clamp-then-exp block
-constexpr int64_t kScanBlock = 16;  // logits per vector compare of the top-k scan
+constexpr int64_t kScanBlock = 32;  // logits per test of the top-k scan
 
 // log_softmax of one row of logits, as torch.log_softmax computes it: (x - max) - log(sum),
 // in float32 and in that order, so that logits whose log-probabilities round to the same
@@ -53,21 +52,14 @@ MSD_CPU_CLONES float row_max(const float* __restrict row, int64_t vocab, bool& h
   return max;
 }
 
-// sum_j exp(x_j - max) over a row without NaN and with a finite max, so x_j - max <= 0.
-// Clamped in blocks of their own: gcc does not vectorise a loop with both the clamp and
-// exp_clamped.
-MSD_CPU_CLONES float row_sum_exp(const float* __restrict row, int64_t vocab, float max) {  // row: [V]
-  float shifted[kExpBlock];
+// sum_j exp(x_j - max) over a row without NaN and with a finite max, so x_j - max <= 0,
+// clamped at `floor` (-88, where exp_clamped reaches 0). The floor is an argument because
+// gcc folds exp_clamped of a constant floor into a branch, which stops vectorisation.
+MSD_CPU_CLONES float row_sum_exp(const float* __restrict row, int64_t vocab, float max,
+                                 float floor) {  // row: [V]
   float sum = 0.f;
-  for (int64_t first = 0; first < vocab; first += kExpBlock) {
-    const int64_t n = std::min(kExpBlock, vocab - first);
-    for (int64_t j = 0; j < n; ++j) {
-      const float x = row[first + j] - max;
-      shifted[j] = x > -88.f ? x : -88.f;
-    }
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) sum += exp_clamped(shifted[j]);
-  }
+  for (int64_t j = 0; j < vocab; ++j) sum += exp_clamped(std::max(row[j] - max, floor));
   return sum;
 }
 
@@ -77,7 +69,7 @@ RowLogSoftmax row_log_softmax(const float* row, int64_t vocab) {  // row: [V]
   // As in torch: a NaN, or an infinite max (x - max is then NaN somewhere), makes every
   // log-probability NaN.
   if (has_nan || !std::isfinite(max)) return {max, std::numeric_limits<float>::quiet_NaN()};
-  return {max, std::log(row_sum_exp(row, vocab, max))};
+  return {max, std::log(row_sum_exp(row, vocab, max, -88.f))};
 }
 
 // The top_k children of one row in `best` (capacity top_k, empty): the best log-probabilities,
