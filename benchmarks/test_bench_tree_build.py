@@ -1,8 +1,10 @@
-"""Op 1 on the CPU: draft-tree assembly and whole-tree construction.
+"""Op 1 on the CPU: draft-tree expansion, assembly and whole-tree construction.
 
 Shapes of an EAGLE-2 draft tree: top_k = 10, depth = 5 (pool of 510 candidates), T = 59
-drafted tokens, a 32000-token vocabulary. Assembly is compared with the reference and with
-a per-node Python loop in the style of the released MSD/EAGLE-2 code (the baseline).
+drafted tokens, a 32000-token vocabulary. Baselines in the style of the released
+MSD/EAGLE-2 code: expansion in plain torch ops (log_softmax + topk per node, then the
+global top-k), assembly as a per-node Python loop; the reference too. Expansion and whole
+trees are timed on one thread and on torch's default thread count.
 
 Run: python3 -m pytest benchmarks/test_bench_tree_build.py --benchmark-enable --benchmark-only
 """
@@ -14,6 +16,53 @@ import msd_kernels as mk
 
 TOP_K, DEPTH, NUM_NODES, VOCAB = 10, 5, 59, 32000
 BATCHES = [1, 8]
+
+
+@pytest.fixture(params=["1", "default"])
+def threads(request):
+    """Torch's thread count during the test: 1, or left at its default (restored after)."""
+    default = torch.get_num_threads()
+    if request.param == "1":
+        torch.set_num_threads(1)
+    yield request.param
+    torch.set_num_threads(default)
+
+
+def torch_ops_expand(logits, frontier_scores, top_k):
+    """One depth step in plain torch ops, as the released MSD/EAGLE-2 code expands a level.
+
+    ``logits`` ``[B, n, V]``, ``frontier_scores`` ``[B, n]``. Returns the level's candidates,
+    tokens and cumulative scores ``[B, n*top_k]``, and the next frontier: the candidates'
+    positions and scores ``[B, top_k]``.
+    """
+    batch = logits.shape[0]
+    child_scores, child_tokens = torch.topk(torch.log_softmax(logits, dim=-1), top_k, dim=-1)  # [B, n, k]
+    scores = (frontier_scores.unsqueeze(-1) + child_scores).view(batch, -1)
+    best_scores, best = torch.topk(scores, top_k, dim=-1)
+    return child_tokens.view(batch, -1), scores, best, best_scores
+
+
+def torch_ops_tree(step_logits):
+    """The whole construction in plain torch ops, as the released code builds it: every
+    level's candidates (tokens, scores, parent positions) kept in lists, then the T best in
+    candidate order. Less work than tree_assemble: no mask, depths or links.
+
+    Returns the kept candidates' positions, tokens and parent positions, each ``[B, T]``.
+    """
+    batch = step_logits[0].shape[0]
+    frontier_scores = torch.zeros(batch, 1)
+    frontier = torch.full((batch, 1), -1)  # candidate positions of the frontier, -1 = root
+    tokens, scores, parents = [], [], []
+    offset = 0
+    for logits in step_logits:
+        level_tokens, level_scores, best, frontier_scores = torch_ops_expand(logits, frontier_scores, TOP_K)
+        tokens.append(level_tokens)
+        scores.append(level_scores)
+        parents.append(frontier.repeat_interleave(TOP_K, dim=1))
+        frontier = best + offset
+        offset += level_tokens.shape[1]
+    kept = torch.sort(torch.topk(torch.cat(scores, 1), NUM_NODES, dim=-1).indices, dim=-1).values
+    return kept, torch.cat(tokens, 1).gather(1, kept), torch.cat(parents, 1).gather(1, kept)
 
 
 def eagle_style_assemble(pool_tokens, pool_scores, pool_parents, root_token, num_nodes):
@@ -94,9 +143,39 @@ def test_bench_assemble(benchmark, batch, impl):
         benchmark(mk.tree_assemble, *pool, root_token, NUM_NODES, backend=impl)
 
 
+@pytest.mark.parametrize("impl", ["compiled", "torch_ops"])
+def test_bench_expand_level(benchmark, threads, impl):
+    """One level of a full tree: the 10 frontier nodes of one sequence."""
+    logits = _step_logits(1)[1]
+    frontier_scores = -torch.rand(1, TOP_K, generator=torch.Generator().manual_seed(0))
+    frontier_index = torch.arange(TOP_K).unsqueeze(0)
+    pool = mk.new_tree_pool(1, TOP_K, 1)
+    # The baseline must do the same work: same next frontier.
+    tokens, _, index = mk.tree_expand(logits, frontier_scores, frontier_index, *pool, TOP_K, TOP_K)
+    level_tokens, _, best, _ = torch_ops_expand(logits, frontier_scores, TOP_K)
+    assert torch.equal(level_tokens.gather(1, best), tokens) and torch.equal(best + TOP_K, index)
+
+    benchmark.group = f"tree_expand level n={TOP_K} V={VOCAB} B=1 threads={threads}"
+    if impl == "torch_ops":
+        benchmark(torch_ops_expand, logits, frontier_scores, TOP_K)
+    else:
+        benchmark(mk.tree_expand, logits, frontier_scores, frontier_index, *pool, TOP_K, TOP_K)
+
+
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("backend", mk.BACKENDS)
-def test_bench_tree_construction(benchmark, batch, backend):
+@pytest.mark.parametrize("impl", ["compiled", "torch_ops", "reference"])
+def test_bench_tree_construction(benchmark, threads, batch, impl):
+    if impl == "reference" and threads == "1":
+        pytest.skip("the reference is timed at the default thread count only")
     step_logits = _step_logits(batch)
-    benchmark.group = f"tree construction k={TOP_K} depth={DEPTH} V={VOCAB} T={NUM_NODES} B={batch}"
-    benchmark(_construct, step_logits, torch.arange(batch), backend)
+    root_token = torch.arange(batch)
+    # The baseline must do the same work: same candidates (positions = pool slots) kept.
+    pool, tree = _construct(step_logits, root_token, "compiled")
+    kept, tokens, parents = torch_ops_tree(step_logits)
+    assert torch.equal(tokens, tree[0][:, 1:]) and torch.equal(parents, pool[2].gather(1, kept))
+
+    benchmark.group = f"tree construction k={TOP_K} depth={DEPTH} V={VOCAB} T={NUM_NODES} B={batch} threads={threads}"
+    if impl == "torch_ops":
+        benchmark(torch_ops_tree, step_logits)
+    else:
+        benchmark(_construct, step_logits, root_token, impl)

@@ -100,6 +100,72 @@ def test_expand_matches_reference(device, batch, top_k, full_frontier, extra_voc
     _assert_same_pool(pools["compiled"], pools["reference"])
 
 
+def _expand_from_root(logits, frontier_scores, top_k, backend):
+    """One expansion of the ``n`` frontier rows of ``logits`` into a fresh ``n * top_k`` pool.
+
+    Returns (frontier, pool): the op's outputs and the pool it wrote.
+    """
+    batch, n, _ = logits.shape
+    device = logits.device
+    pool = (
+        torch.zeros(batch, n * top_k, dtype=torch.int64, device=device),
+        torch.zeros(batch, n * top_k, device=device),
+        torch.zeros(batch, n * top_k, dtype=torch.int64, device=device),
+    )
+    index = torch.full((batch, n), -1, dtype=torch.int64, device=device)
+    return mk.tree_expand(logits, frontier_scores, index, *pool, 0, top_k, backend=backend), pool
+
+
+@settings(max_examples=100)
+@given(
+    batch=st.integers(1, 3),
+    n=st.integers(1, 4),
+    top_k=st.integers(1, mk.MAX_TOP_K),
+    extra_vocab=st.integers(0, 300),
+    levels=st.integers(1, 4),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_expand_ties_match_reference(device, batch, n, top_k, extra_vocab, levels, dtype, seed):
+    """Logits from a few integers: exact ties among a node's children, on both sides of every
+    vector block of the CPU kernel, and between nodes (the same row of logits and frontier
+    score for all nodes of a sequence: rows that differ only in order would not tie exactly,
+    as torch's sum of exponentials depends on the order). Ties go to the lower token id, then
+    to the lower pool slot, as in the reference."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = top_k + extra_vocab
+    row = torch.randint(0, levels + 1, (batch, 1, vocab), generator=generator)
+    logits = row.expand(batch, n, vocab).to(dtype).to(device)
+    frontier_scores = torch.zeros(batch, n, device=device)
+    frontier, pool = _expand_from_root(logits, frontier_scores, top_k, "compiled")
+    ref_frontier, ref_pool = _expand_from_root(logits, frontier_scores, top_k, "reference")
+    _assert_same_expand(frontier, ref_frontier)
+    _assert_same_pool(pool, ref_pool)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [5, 37, 300])
+@pytest.mark.parametrize("special", ["nan", "+inf", "all -inf", "some -inf"])
+def test_expand_non_finite_logits_match_reference(dtype, vocab, special):
+    """On the CPU, whose vectorised passes treat such rows apart: as in torch.log_softmax, a
+    NaN or +inf logit, or a row of -inf, makes every log-probability NaN (the children are
+    then the first top_k tokens); -inf logits in a finite row only get log-probability -inf."""
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(2, 3, vocab, generator=generator) * 3
+    positions = torch.randint(0, vocab, (2, 3, 4), generator=generator)
+    if special == "all -inf":
+        logits[0, 1] = -math.inf
+    else:
+        value = {"nan": math.nan, "+inf": math.inf, "some -inf": -math.inf}[special]
+        logits.scatter_(-1, positions, value)
+    logits = logits.to(dtype)
+    frontier_scores = -torch.rand(2, 3, generator=generator)
+    frontier, pool = _expand_from_root(logits, frontier_scores, 4, "compiled")
+    ref_frontier, ref_pool = _expand_from_root(logits, frontier_scores, 4, "reference")
+    for value, expected in zip(frontier + pool, ref_frontier + ref_pool):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 @settings(max_examples=120)
 @given(
     batch=st.integers(1, 3),

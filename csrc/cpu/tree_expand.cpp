@@ -1,4 +1,9 @@
 // tree_expand on the CPU: one depth step of the dynamic draft tree (reference.tree_expand).
+//
+// Per (batch row, frontier node), three passes over its V logits, each a vectorised loop:
+// the maximum, the sum of exp(x - max) (a polynomial exp), then the top_k children. The
+// third pass ranks by log-probability computed exactly as torch.log_softmax does, but only
+// for the few logits above the current k-th one, so a vector compare skips most of the row.
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
@@ -6,54 +11,122 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "cpu/ops_cpu.h"
+#include "cpu/vec_math.h"
 #include "msd/tree_build.h"
 
 namespace msd::cpu {
 namespace {
 
-// Items per parallel task so that each task has at least ~32K elements of work (ATen's
-// grain size): smaller tasks cost more in thread hand-off than they save.
-int64_t items_per_task(int64_t elements_per_item) { return std::max<int64_t>(1, 32768 / elements_per_item); }
+// Least logits per parallel task (a few hundred microseconds of work): below it, waking
+// the pool costs more than it saves, and on a busy machine a descheduled worker stalls
+// the whole call. One level of an EAGLE tree (10 x 32000) stays on one thread.
+constexpr int64_t kMinTaskLogits = int64_t{1} << 19;
+constexpr int64_t kScanBlock = 32;  // logits per test of the top-k scan
 
 // log_softmax of one row of logits, as torch.log_softmax computes it: (x - max) - log(sum),
 // in float32 and in that order, so that logits whose log-probabilities round to the same
 // value tie-break the same way as in the reference (which ranks the log-probabilities).
+// The function is non-decreasing in x. (Sums of exponentials differ from torch's in the
+// last bits, as its own do across CPUs; that shifts every log-probability of the row alike.)
 struct RowLogSoftmax {
   float max;
-  float log_sum;  // log(sum_j exp(x_j - max))
+  float log_sum;  // log(sum_j exp(x_j - max)); NaN if the row has a NaN or max is infinite
 
   float operator()(float x) const { return (x - max) - log_sum; }
 };
 
-template <typename scalar_t>
-RowLogSoftmax row_log_softmax(const scalar_t* row, int64_t vocab) {  // row: [V]
+// The largest logit, NaN ignored; `has_nan` tells whether there was one.
+MSD_CPU_CLONES float row_max(const float* __restrict row, int64_t vocab, bool& has_nan) {  // row: [V]
   float max = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < vocab; ++j) max = std::max(max, static_cast<float>(row[j]));
+  int nan = 0;
+#pragma omp simd reduction(max : max) reduction(| : nan)
+  for (int64_t j = 0; j < vocab; ++j) {
+    max = row[j] > max ? row[j] : max;
+    nan |= row[j] != row[j];
+  }
+  has_nan = nan != 0;
+  return max;
+}
+
+// sum_j exp(x_j - max) over a row without NaN and with a finite max, so x_j - max <= 0,
+// clamped at `floor` (-88, where exp_clamped reaches 0). The floor is an argument because
+// gcc folds exp_clamped of a constant floor into a branch, which stops vectorisation.
+MSD_CPU_CLONES float row_sum_exp(const float* __restrict row, int64_t vocab, float max,
+                                 float floor) {  // row: [V]
   float sum = 0.f;
-  for (int64_t j = 0; j < vocab; ++j) sum += std::exp(static_cast<float>(row[j]) - max);
-  return {max, std::log(sum)};
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < vocab; ++j) sum += exp_clamped(std::max(row[j] - max, floor));
+  return sum;
+}
+
+RowLogSoftmax row_log_softmax(const float* row, int64_t vocab) {  // row: [V]
+  bool has_nan = false;
+  const float max = row_max(row, vocab, has_nan);
+  // As in torch: a NaN, or an infinite max (x - max is then NaN somewhere), makes every
+  // log-probability NaN.
+  if (has_nan || !std::isfinite(max)) return {max, std::numeric_limits<float>::quiet_NaN()};
+  return {max, std::log(row_sum_exp(row, vocab, max, -88.f))};
+}
+
+// The top_k children of one row in `best` (capacity top_k, empty): the best log-probabilities,
+// ties to the lower token. Tokens are offered in increasing order, so a logit x at most the
+// current k-th one's cannot enter (its log-probability is at most the k-th's, and on a tie
+// its token is the higher): whole blocks of such logits are skipped by one vector compare.
+MSD_CPU_CLONES void top_children(const float* __restrict row, int64_t vocab, RowLogSoftmax log_prob,
+                                 RunningTopK& best) {  // row: [V]
+  const int64_t top_k = best.capacity;
+  for (int64_t j = 0; j < top_k; ++j) best.offer(log_prob(row[j]), j);
+  float kth = row[best.indices[top_k - 1]];  // the k-th child's logit
+  const auto consider = [&](int64_t j) {
+    if (row[j] > kth) {
+      best.offer(log_prob(row[j]), j);
+      kth = row[best.indices[top_k - 1]];
+    }
+  };
+  int64_t j = top_k;
+  for (; j + kScanBlock <= vocab; j += kScanBlock) {
+    int above = 0;
+#pragma omp simd reduction(| : above)
+    for (int64_t i = 0; i < kScanBlock; ++i) above |= row[j + i] > kth;
+    if (above) {
+      for (int64_t i = j; i < j + kScanBlock; ++i) consider(i);
+    }
+  }
+  for (; j < vocab; ++j) consider(j);
+}
+
+// Logits of another dtype are widened into a float32 row first.
+template <typename scalar_t>
+MSD_CPU_CLONES void widen(const scalar_t* __restrict row, int64_t vocab, float* __restrict out) {
+  for (int64_t j = 0; j < vocab; ++j) out[j] = static_cast<float>(row[j]);
+}
+
+// One row of logits as float32: in place, or widened into `buffer` ([V]).
+template <typename scalar_t>
+const float* float_row(const scalar_t* row, int64_t vocab, std::vector<float>& buffer) {  // row: [V]
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return row;
+  } else {
+    buffer.resize(vocab);
+    widen(row, vocab, buffer.data());
+    return buffer.data();
+  }
 }
 
 // The top_k children of one frontier node, written straight into its pool slots (which
 // double as the running top-k buffers): tokens, cumulative scores and the parent.
-template <typename scalar_t>
-void expand_node(const scalar_t* logits,  // [V]
+void expand_node(const float* logits,  // [V] float32
                  int64_t vocab, float frontier_score, int64_t parent, int64_t top_k,
                  int64_t* tokens,  // [top_k] pool slots
                  float* scores,    // [top_k] pool slots
                  int64_t* parents  // [top_k] pool slots
 ) {
-  const RowLogSoftmax log_prob = row_log_softmax(logits, vocab);
   RunningTopK best{scores, tokens, top_k};
-  for (int64_t j = 0; j < vocab; ++j) {
-    const float x = static_cast<float>(logits[j]);
-    // Log-probabilities do not decrease with the logit, so a logit below the current k-th
-    // one cannot enter: skip computing and ranking its log-probability.
-    if (best.size == top_k && x < static_cast<float>(logits[tokens[top_k - 1]])) continue;
-    best.offer(log_prob(x), j);
-  }
+  top_children(logits, vocab, row_log_softmax(logits, vocab), best);
   for (int64_t c = 0; c < top_k; ++c) {
     scores[c] += frontier_score;
     parents[c] = parent;
@@ -125,32 +198,31 @@ std::tuple<Tensor, Tensor, Tensor> tree_expand(
   float* scores_ptr = pool_scores.data_ptr<float>();
   int64_t* parents_ptr = pool_parents.data_ptr<int64_t>();
 
-  // Children of every (batch row, frontier node): each row of V logits is one task.
+  // Children of every (batch row, frontier node), rows split into tasks of enough work.
+  const int64_t grain = std::max<int64_t>(1, kMinTaskLogits / vocab);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "tree_expand", [&] {
     const scalar_t* logits_ptr = logits_c.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * num_frontier, items_per_task(vocab), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch * num_frontier, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> widened;
       for (int64_t r = begin; r < end; ++r) {
+        const float* row = float_row(logits_ptr + r * vocab, vocab, widened);
         const int64_t slot = r / num_frontier * pool + expand_pool_slot(pool_offset, r % num_frontier, top_k, 0);
-        expand_node(logits_ptr + r * vocab, vocab, frontier_ptr[r], index_ptr[r], top_k, tokens_ptr + slot,
-                    scores_ptr + slot, parents_ptr + slot);
+        expand_node(row, vocab, frontier_ptr[r], index_ptr[r], top_k, tokens_ptr + slot, scores_ptr + slot,
+                    parents_ptr + slot);
       }
     });
   });
 
-  // Next frontier: per batch row, the global top_k of the n * top_k new pool slots.
+  // Next frontier: per batch row, the global top_k of the n * top_k new pool slots (a few
+  // hundred candidates: one thread).
   Tensor next_tokens = at::empty({batch, top_k}, pool_tokens.options());
   Tensor next_scores = at::empty({batch, top_k}, pool_scores.options());
   Tensor next_index = at::empty({batch, top_k}, pool_tokens.options());
-  const int64_t num_candidates = num_frontier * top_k;
-  at::parallel_for(0, batch, items_per_task(num_candidates),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t b = begin; b < end; ++b) {
-                       select_frontier(tokens_ptr + b * pool, scores_ptr + b * pool, pool_offset, num_candidates,
-                                       top_k, next_tokens.data_ptr<int64_t>() + b * top_k,
-                                       next_scores.data_ptr<float>() + b * top_k,
-                                       next_index.data_ptr<int64_t>() + b * top_k);
-                     }
-                   });
+  for (int64_t b = 0; b < batch; ++b) {
+    select_frontier(tokens_ptr + b * pool, scores_ptr + b * pool, pool_offset, num_frontier * top_k, top_k,
+                    next_tokens.data_ptr<int64_t>() + b * top_k, next_scores.data_ptr<float>() + b * top_k,
+                    next_index.data_ptr<int64_t>() + b * top_k);
+  }
   return {next_tokens, next_scores, next_index};
 }
 
