@@ -84,7 +84,9 @@ def overhead(target, draft, shape: Shape, batch: int, tree: tuple[int, int, int]
     engine = msd.SpeculativeLLaVA(target, draft, top_k=top_k, depth=depth, total_tokens=total)
     inputs = left_padded(prompts(shape, batch, DEVICE, target.dtype))
     engine.generate(**inputs, max_new_tokens=2 * (depth + 2))  # buffers, prefill, a few steps
-    buffers, step = engine._buffers, engine._last_step
+    # The step over the whole batch (its rows may have left it before the call ended).
+    buffers = engine._buffers
+    step = next(iter(buffers.steps.values()))
     state, drafter, cache = buffers.state, buffers.drafter, buffers.target_cache
     saved = [tensor.clone() for tensor in (cache.prefix_len, drafter.cache.prefix_len, state.root,
                                            state.commit_tokens, state.commit_features, state.commit_count,
