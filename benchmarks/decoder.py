@@ -62,19 +62,28 @@ def qwen2_vl_7b_shaped(layers: int) -> Qwen2VLForConditionalGeneration:
 SHAPES = {"llava-1.5-7b": llava_7b_shaped, "qwen2-vl-7b": qwen2_vl_7b_shaped}
 
 
-def median_ms(run, repeats: int, reset=None) -> float:
-    """Median wall time of ``run()`` in ms over ``repeats`` calls after one warm-up; ``reset()``
-    (untimed) after each call."""
-    times = []
+def timed_ms(run, reset=None) -> float:
+    """Wall time of ``run()`` in ms; ``reset()`` (untimed) after it."""
+    started = time.perf_counter()
+    run()
+    elapsed = time.perf_counter() - started
+    if reset is not None:
+        reset()
+    return elapsed * 1e3
+
+
+def paired_median_ms(ours, theirs, repeats: int, reset_theirs=None) -> tuple[float, float]:
+    """Median wall times of ``ours()`` and ``theirs()`` in ms over ``repeats`` calls each after
+    one warm-up of each, interleaved and alternating which goes first, so that a drift of the
+    machine's speed during the run falls on both alike."""
+    times = ([], [])
     for attempt in range(repeats + 1):
-        started = time.perf_counter()
-        run()
-        elapsed = time.perf_counter() - started
-        if reset is not None:
-            reset()
-        if attempt:
-            times.append(elapsed * 1e3)
-    return statistics.median(times)
+        pair = ((0, ours, None), (1, theirs, reset_theirs))
+        for side, run, reset in pair if attempt % 2 else reversed(pair):
+            elapsed = timed_ms(run, reset)
+            if attempt:
+                times[side].append(elapsed)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def random_tree(batch: int, vocab: int, generator: torch.Generator) -> dict:
@@ -121,10 +130,10 @@ def measure(name: str, layers: int, prefix: int, repeats: int) -> list[dict]:
         # msd: a token at the prefix's end, or the tree under its tree mask.
         depth, mask = (torch.zeros(1, 1, dtype=torch.long), None) if mode == "decode" else (tree["depth"], tree["mask"])
         ours, theirs = positions(prefix + depth), positions(prefix + torch.arange(count)[None])
-        msd_ms = median_ms(partial(adapter.decoder, embeds, ours, cache, mask), repeats)
         # crop(-n) drops the n rows a call appended (a negative count means the same in every release).
-        hf_ms = median_ms(partial(text_model, None, None, theirs, hf_cache, embeds, use_cache=True), repeats,
-                          reset=partial(hf_cache.crop, -count))
+        msd_ms, hf_ms = paired_median_ms(partial(adapter.decoder, embeds, ours, cache, mask),
+                                         partial(text_model, None, None, theirs, hf_cache, embeds, use_cache=True),
+                                         repeats, reset_theirs=partial(hf_cache.crop, -count))
         rows.append({"shape": name, "layers": layers, "prefix": prefix, "mode": mode, "tokens": count,
                      "msd_ms": msd_ms, "hf_ms": hf_ms, "ratio": msd_ms / hf_ms})
         print(f"{name} {mode:6s} Q={count:2d}: msd {msd_ms:8.2f} ms | HF {hf_ms:8.2f} ms | ratio {msd_ms / hf_ms:.3f}",
@@ -134,8 +143,8 @@ def measure(name: str, layers: int, prefix: int, repeats: int) -> list[dict]:
 
 def markdown(result: dict) -> str:
     lines = [f"msd decoder vs Hugging Face forward ({result['device']}, torch {result['torch']}, transformers "
-             f"{result['transformers']}, commit {result['commit']}, {result['date']}; median of {result['repeats']}, "
-             f"{result['threads']} threads, float32)", "",
+             f"{result['transformers']}, commit {result['commit']}, {result['date']}; median of {result['repeats']} "
+             f"interleaved calls, {result['threads']} threads, float32)", "",
              "| shape | layers | prefix | step | tokens | msd (ms) | HF (ms) | msd / HF |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in result["rows"]:
