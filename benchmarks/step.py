@@ -191,10 +191,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tau", type=float, default=3.0, help="controlled tau of the throughput runs")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tree", type=int, nargs=3, default=[10, 5, 60], metavar=("TOP_K", "DEPTH", "TOKENS"),
+                        help="the draft tree (default: msd's, 10 5 60)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     DEVICE = args.device
-    shape, tree = PRESETS[args.preset], (10, 5, 60)
+    shape, tree = PRESETS[args.preset], tuple(args.tree)
     target = random_llava(shape, getattr(torch, args.dtype), args.device, seed=0)
     draft = random_draft(target)
     result = {"device": machine_info(torch.device(args.device))["device"], "preset": args.preset, "tree": tree,
