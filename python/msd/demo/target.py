@@ -13,7 +13,9 @@ LLaVA-1.5 is built on a CLIP tower that already sees and stays frozen:
 Trained end to end from scratch instead, the target learnt where things are and how many,
 but named shapes at chance and colours hardly better (demo v2: 4 epochs). The
 learning rate matters too: on the pretrained tower, 3e-3 taught the text model colours but
-not shapes; 1e-3 teaches both.
+not shapes; 1e-3 teaches both. Five epochs, not three: after three, the same recipe read 98%
+of held-out things on transformers 5.24 but 76% on 4.56 (their models start from different
+random weights); after five, 100% on both.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class TargetRecipe:
     vision_layers: int = 2
     vision_steps: int = 200
     vision_lr: float = 3e-3
-    epochs: int = 3
+    epochs: int = 5
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 50

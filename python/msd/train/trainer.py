@@ -64,7 +64,11 @@ def train(config: TrainConfig) -> Path:
     ``SpeculativeLLaVA`` / :func:`msd.draft_checkpoint.load_draft` load)."""
     ranks = setup_ranks(config)
     try:
-        return _Run(config, ranks).run()
+        last = _Run(config, ranks).run()
+        # Every rank's collectives are done before any rank destroys the group: a rank that
+        # left early while gloo still ran FSDP's last collective aborted at exit, now and then.
+        barrier(ranks)
+        return last
     finally:
         release_ranks(ranks)
 
