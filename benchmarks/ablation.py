@@ -39,6 +39,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from step import median_seconds  # benchmarks/, on the path when this file runs as a script
 from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2VLConfig
 from transformers.utils import logging as transformers_logging
 
@@ -133,17 +134,6 @@ def draft_stage(root: Path, args: argparse.Namespace, variant: str, seed: int) -
     return Stage(name, build)
 
 
-def median_ms(run, repeats: int) -> float:
-    """Median wall time of ``run()`` in ms over ``repeats`` calls after one warm-up."""
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
-
-
 def tree_cost(draft, args: argparse.Namespace, generator: torch.Generator) -> dict:
     """ms per tree of ``COST_TREE`` and per level, and of the logits of one level, after a
     ``--cost-prefix``-token prompt of random pairs in ``draft``'s cache."""
@@ -158,8 +148,8 @@ def tree_cost(draft, args: argparse.Namespace, generator: torch.Generator) -> di
                           torch.randn(1, length, hidden_size, generator=generator),
                           torch.zeros(1, length, dtype=torch.bool))
     start, hidden = torch.tensor([length]), torch.randn(1, top_k, hidden_size, generator=generator)
-    tree_ms = median_ms(lambda: drafter.build(root, start), args.cost_repeats)
-    logits_ms = median_ms(lambda: draft.compute_logits(hidden), args.cost_repeats)
+    tree_ms = 1e3 * median_seconds(lambda: drafter.build(root, start), args.cost_repeats)
+    logits_ms = 1e3 * median_seconds(lambda: draft.compute_logits(hidden), args.cost_repeats)
     return {"lm_head_rows": draft.lm_head.weight.shape[0], "tree_ms": tree_ms, "level_ms": tree_ms / depth,
             "logits_ms_per_level": logits_ms}
 

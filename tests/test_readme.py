@@ -25,17 +25,28 @@ def readme_block(marker: str) -> str:
     return next(block for block in blocks if marker in block)
 
 
-def test_the_qwen_example_runs_as_written(tmp_path):
-    code = readme_block("Qwen/Qwen2-VL-7B-Instruct")
-    target = tiny_qwen2_vl(tmp_path / "target", seed=4)
-    tiny_qwen_processor().save_pretrained(tmp_path / "target")
-    save_draft(random_draft(target), tmp_path / "draft")
-    code = (code.replace('"Qwen/Qwen2-VL-7B-Instruct"', repr(str(tmp_path / "target")))
-            .replace('"lucylyn/MSD-Qwen2VL-7B-Instruct"', repr(str(tmp_path / "draft")))
+def run_readme_example(target_id: str, draft_id: str, target, processor, folder: Path, image, prelude: str = "",
+                       **names) -> dict:
+    """Run the README block that loads ``target_id`` as written, but with local folders for the
+    Hub ids ``target_id`` (``target``, saved in ``folder / "target"``, and ``processor`` saved
+    beside it) and ``draft_id`` (a random draft) and the CPU in float32 for CUDA in bfloat16;
+    ``image`` and ``names`` are in its scope, which is returned."""
+    processor.save_pretrained(folder / "target")
+    save_draft(random_draft(target), folder / "draft")
+    code = (readme_block(target_id).replace(f'"{target_id}"', repr(str(folder / "target")))
+            .replace(f'"{draft_id}"', repr(str(folder / "draft")))
             .replace('"bfloat16"', '"float32"').replace('"cuda"', '"cpu"'))
+    scope = {"image": image, **names}
+    exec(prelude + code, scope)
+    return scope
+
+
+def test_the_qwen_example_runs_as_written(tmp_path):
+    target = tiny_qwen2_vl(tmp_path / "target", seed=4)
     image = Image.fromarray((np.random.default_rng(0).random((16, 24, 3)) * 255).astype("uint8"))
-    scope = {"image": image, "AutoProcessor": AutoProcessor}
-    exec("import msd\n" + code, scope)
+    scope = run_readme_example("Qwen/Qwen2-VL-7B-Instruct", "lucylyn/MSD-Qwen2VL-7B-Instruct", target,
+                               tiny_qwen_processor(), tmp_path, image, prelude="import msd\n",
+                               AutoProcessor=AutoProcessor)
     inputs, output = scope["inputs"], scope["output"]
     assert inputs["pixel_values"] is not None
     expected = target.generate(**inputs, max_new_tokens=256, do_sample=False)
@@ -43,15 +54,9 @@ def test_the_qwen_example_runs_as_written(tmp_path):
 
 
 def test_the_llava_example_runs_as_written(tmp_path):
-    code = readme_block("llava-hf/llava-1.5-7b-hf")
     target = tiny_llava(tmp_path / "target", seed=1)
-    tiny_processor().save_pretrained(tmp_path / "target")
-    save_draft(random_draft(target), tmp_path / "draft")
-    code = (code.replace('"llava-hf/llava-1.5-7b-hf"', repr(str(tmp_path / "target")))
-            .replace('"lucylyn/MSD-LLaVA1.5-7B"', repr(str(tmp_path / "draft")))
-            .replace('"bfloat16"', '"float32"').replace('"cuda"', '"cpu"'))
     image = Image.fromarray((np.random.default_rng(1).random((20, 20, 3)) * 255).astype("uint8"))
-    scope = {"image": image}
-    exec(code, scope)
+    scope = run_readme_example("llava-hf/llava-1.5-7b-hf", "lucylyn/MSD-LLaVA1.5-7B", target, tiny_processor(),
+                               tmp_path, image)
     expected = target.generate(**scope["inputs"], max_new_tokens=256, do_sample=False)
     assert torch.equal(scope["output"], expected)

@@ -9,6 +9,8 @@ token index, whatever the model's positions are (M-RoPE coordinates never index 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import msd_kernels
@@ -85,7 +87,7 @@ class StaticKVCache:
             return self
         planes, _, heads, max_len, head_dim = self.kv.shape
         shape = (planes, batch, heads, max_len, head_dim)
-        kv = self.kv.view(-1)[:shape[0] * batch * heads * max_len * head_dim].view(shape)
+        kv = self.kv.view(-1)[:math.prod(shape)].view(shape)
         return self._view(kv, self.prefix_len[:batch])
 
     def repack(self, batch: int, keep: list[int]) -> StaticKVCache:
